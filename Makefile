@@ -1,0 +1,40 @@
+# mm: `make preprocess` then `make train`; `make test` runs the suite.
+# Every target creates .venv (and installs the project) when it is missing.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_N ?= 2000
+
+.PHONY: install test preprocess train bench-preprocess lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+data/demo/manifest.jsonl: | $(STAMP)
+	$(VENV)/bin/mmdata demo-data --out data/demo --n $(DEMO_N) --seed 0
+
+preprocess: $(STAMP) data/demo/manifest.jsonl
+	$(VENV)/bin/mmdata preprocess pipelines/demo.yaml $(ARGS)
+
+train: $(STAMP)
+	$(VENV)/bin/mmtrain train pipelines/train.yaml $(ARGS)
+
+bench-preprocess: $(STAMP)
+	$(PY) benchmarks/bench_preprocess.py $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m compileall -q mmdata mmtrain tests
+	! grep -rn "import mmtrain\|from mmtrain" mmdata
+
+clean:
+	rm -rf data/datasets runs .pytest_cache

@@ -1,0 +1,126 @@
+"""The ``mmdata`` command: preprocess, demo-data, info, verify, show."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmdata.config import ConfigError
+
+DESCRIPTION = """\
+Turn multimodal samples (text, image, audio, label) into sharded WebDataset tars.
+
+  mmdata demo-data --out data/demo --n 2000        generate a small learnable dataset
+  mmdata preprocess pipelines/demo.yaml [k=v ...]  manifest/tars -> dataset directory
+  mmdata info data/datasets/demo                   counts, sizes, errors by reason
+  mmdata verify data/datasets/demo                 re-read every shard; exit 1 if unhealthy
+  mmdata show data/datasets/demo --out sheet.png   contact sheet of samples
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from mmdata.dataset import DatasetError
+    try:
+        return args.run(args)
+    except (ConfigError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume (finished shards are kept)", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmdata", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("preprocess", help="preprocess a manifest or tars into a dataset directory",
+                       description="Preprocess the input named in CONFIG. Overrides are dotted keys, "
+                                   "e.g. output.samples_per_shard=500 image.size=128 ray.address=auto.")
+    p.add_argument("config", help="YAML file (see pipelines/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(run=run_preprocess)
+
+    p = sub.add_parser("demo-data", help="generate the embedded demo dataset and its manifest")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=2000, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl", help="manifest format")
+    p.set_defaults(run=run_demo)
+
+    p = sub.add_parser("info", help="summarise a dataset directory")
+    p.add_argument("dataset")
+    p.set_defaults(run=lambda a: print(__import__("mmdata.dataset").dataset.describe(a.dataset)) or 0)
+
+    p = sub.add_parser("verify", help="re-read every shard and check it against the index and counts")
+    p.add_argument("dataset")
+    p.set_defaults(run=run_verify)
+
+    p = sub.add_parser("show", help="draw a contact sheet (images, captions, mel spectrograms)")
+    p.add_argument("dataset")
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--out", default="sheet.png", help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0, help="which samples (0 = the first ones)")
+    p.set_defaults(run=run_show)
+    return parser
+
+
+def run_preprocess(args) -> int:
+    from mmdata.config import load_config
+    from mmdata.pipeline import PreprocessConfig, preprocess
+    config = load_config(PreprocessConfig, args.config, args.overrides)
+    result = preprocess(config)
+    print(format_result(result))
+    if result.error_rate > config.max_error_rate:
+        print(f"error: {result.totals['rejected']} of {result.totals['samples_in']} samples were rejected "
+              f"({result.error_rate:.1%}), over max_error_rate={config.max_error_rate:.1%}; "
+              f"see {result.dataset}/errors.jsonl", file=sys.stderr)
+        return 1
+    return 0
+
+
+def format_result(result) -> str:
+    t = result.totals
+    rate = t["samples_in"] / max(result.seconds, 1e-9)
+    what = ("reused dataset (nothing to do)" if result.reused_dataset and not result.partitions_built
+            else f"{result.partitions_built} partitions built, {result.partitions_reused} reused")
+    lines = [
+        f"dataset    {result.dataset}",
+        f"status     {what}",
+        f"samples    {t['written']} written, {t['rejected']} rejected, {t['samples_in']} input",
+        "modalities " + (", ".join(f"{m} {n}" for m, n in t["modalities"].items()) or "none"),
+        "errors     " + (", ".join(f"{r} {n}" for r, n in t["errors_by_reason"].items()) or "none"),
+        f"shards     {t['shards']}, {t['bytes'] / 1e6:.1f} MB",
+        f"time       {result.seconds:.1f} s, {rate:.0f} samples/s on {result.nodes} node(s)",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(args) -> int:
+    from mmdata.demo import generate_demo
+    manifest = generate_demo(args.out, args.n, seed=args.seed, manifest_format=args.format)
+    print(f"wrote {args.n} samples; manifest {manifest}")
+    return 0
+
+
+def run_verify(args) -> int:
+    from mmdata.dataset import verify
+    problems, checked = verify(args.dataset)
+    for problem in problems:
+        print(problem)
+    print(f"{checked} samples checked, {len(problems)} problems: {'OK' if not problems else 'UNHEALTHY'}")
+    return 1 if problems else 0
+
+
+def run_show(args) -> int:
+    from mmdata.show import contact_sheet
+    contact_sheet(args.dataset, args.out, n=args.n, seed=args.seed)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Image: decode, orient, flatten to RGB, resize, re-encode as ``.jpg|.webp|.png``.
+
+Data flow of :func:`encode_image`::
+
+    bytes -> open (header only: size guards) -> load pixels -> EXIF orientation
+          -> _to_rgb (one rule per PIL mode) -> _resize (config.resize)
+          -> _save (fixed encoder parameters, no metadata) -> bytes
+
+Every failure is a :class:`SampleError` with a stable reason, so the caller
+can count it and apply ``config.on_error``. The size guard reads only the
+header, so a decompression bomb is rejected before its pixels are allocated.
+Output bytes depend only on the input bytes and the config: encoders run
+with fixed parameters and nothing from the input's metadata (EXIF, ICC, DPI,
+text chunks) is written. ICC profiles are dropped, not applied: pixels are
+taken as sRGB, as most training pipelines do.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mmdata.config import require, require_choice
+from mmdata.schema import IMAGE_EXTS, SampleError
+
+RESIZE_MODES = ("shorter_side_crop", "letterbox", "max_side")
+# Raster formats only: Pillow's EPS/PS plugins hand the file to Ghostscript, and
+# decoding input must never run an interpreter on it.
+INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "PPM", "ICO")
+
+# What Pillow's decoders raise on truncated or malformed input. Fuzzing
+# Pillow shows more than OSError/SyntaxError/ValueError (EOFError from short
+# reads, struct.error and IndexError from bad headers), and one bad file must
+# never take down a worker, so all of these mean "corrupt".
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
+                  TypeError, ZeroDivisionError)
+
+# Modes whose alpha is composited over ``config.background``. P/L/RGB images
+# carrying a ``transparency`` entry (GIF, PNG tRNS) take the same path.
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
+
+_RESAMPLE = Image.Resampling.BICUBIC
+
+# config.format -> (Pillow format name, fixed encoder parameters). JPEG uses
+# 4:2:0 chroma subsampling (subsampling=2): the common choice for photos, a
+# third smaller than 4:4:4 and what most image datasets already contain.
+_ENCODERS = {
+    "jpg": ("JPEG", {"subsampling": 2, "optimize": False, "progressive": False}),
+    "webp": ("WEBP", {"method": 4, "lossless": False}),
+    "png": ("PNG", {"compress_level": 6, "optimize": False}),
+}
+
+
+@dataclass
+class ImageConfig:
+    size: int = 224                     # target side in px
+    # shorter_side_crop: shorter side -> size, centre crop to size x size (upscales small images)
+    # letterbox: fit inside size x size, pad to a square with pad_color (upscales small images)
+    # max_side: keep aspect, longer side -> size; never upscales (small images keep their size)
+    resize: str = "shorter_side_crop"
+    format: str = "jpg"                 # jpg | webp | png
+    quality: int = 90                   # 1..100, for jpg and webp
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent pixels
+    pad_color: list[int] = field(default_factory=lambda: [0, 0, 0])        # RGB of letterbox padding
+    max_pixels: int = 64_000_000        # guard on the original width*height, read from the header
+    min_side: int = 1                   # images whose smaller side is below this are too small
+    on_error: str = "drop_modality"     # drop_modality | reject_sample (applied by the caller)
+
+    def validate(self) -> None:
+        require(self.size > 0, "size", f"must be a positive number of pixels; got {self.size}")
+        require_choice(self.resize, "resize", RESIZE_MODES)
+        require_choice(self.format, "format", IMAGE_EXTS)
+        require(1 <= self.quality <= 100, "quality", f"must be between 1 and 100; got {self.quality}")
+        _require_rgb(self.background, "background")
+        _require_rgb(self.pad_color, "pad_color")
+        require(self.max_pixels > 0, "max_pixels", f"must be positive; got {self.max_pixels}")
+        require(self.min_side >= 1, "min_side", f"must be at least 1; got {self.min_side}")
+        require_choice(self.on_error, "on_error", ("drop_modality", "reject_sample"))
+
+
+def _require_rgb(value: object, key: str) -> None:
+    ok = (isinstance(value, (list, tuple)) and len(value) == 3
+          and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value))
+    require(ok, key, f"must be 3 integers 0..255 (an RGB colour); got {value!r}")
+
+
+def encode_image(data: bytes, config: ImageConfig) -> tuple[bytes, dict]:
+    """Decode, orient, convert to RGB, resize, re-encode. Returns (encoded bytes, info).
+
+    ``info`` describes the input as it would be displayed (size after EXIF
+    orientation; Pillow's mode and format names) plus the output size, so
+    summaries can report what the dataset was made from.
+    """
+    if len(data) == 0:
+        raise SampleError("empty_image", "image is empty (0 bytes); expected an encoded image file")
+    img, mode, fmt = _decode(data, config)
+    rgb = _to_rgb(img, config.background)
+    out = _resize(rgb, config)
+    info = {"width": img.width, "height": img.height, "mode": mode, "format": fmt,
+            "out_width": out.width, "out_height": out.height}
+    return _save(out, config), info
+
+
+def _decode(data: bytes, config: ImageConfig) -> tuple[Image.Image, str, str | None]:
+    """Open, check the size from the header, then load pixels and apply EXIF orientation."""
+    try:
+        # Our own max_pixels is the guard, so Pillow's bomb *warning* is noise
+        # here; its hard error (over 2 * Image.MAX_IMAGE_PIXELS) still fires
+        # and is reported as image_too_large. No Pillow global is changed.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as img:
+                mode, fmt = img.mode, img.format
+                _check_size(img.width, img.height, config)   # before load(): nothing decoded yet
+                img.load()   # truncated data raises here: ImageFile.LOAD_TRUNCATED_IMAGES stays off
+                ImageOps.exif_transpose(img, in_place=True)
+                return img, mode, fmt
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError("image_too_large", f"image fails Pillow's decompression-bomb check ({e}); "
+                          f"expected at most image.max_pixels={config.max_pixels} pixels") from None
+    except _DECODE_ERRORS as e:
+        raise SampleError("corrupt_image", f"image could not be decoded ({type(e).__name__}: {e}); "
+                          "expected a complete file in a format Pillow reads") from None
+
+
+def _check_size(width: int, height: int, config: ImageConfig) -> None:
+    pixels = width * height
+    if pixels > config.max_pixels:
+        raise SampleError("image_too_large", f"image is {width}x{height} = {pixels} pixels, "
+                          f"over image.max_pixels={config.max_pixels}")
+    if min(width, height) < config.min_side:
+        raise SampleError("image_too_small", f"image is {width}x{height}, its smaller side is under "
+                          f"image.min_side={config.min_side}")
+
+
+def _to_rgb(img: Image.Image, background: list[int]) -> Image.Image:
+    """One RGB image from any mode, by the rules below; unsupported_image otherwise.
+
+    - I;16* (16-bit grey): value / 257, rounded; I (32-bit grey): see :func:`_grey_to_8bit`
+    - F (float grey): clipped to 0..255 and rounded
+      (a ``transparency`` entry on these rare deep-grey PNGs/TIFFs is ignored)
+    - alpha (RGBA, LA, PA, RGBa, or a ``transparency`` entry): composited over ``background``
+    - 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX: Pillow's ``convert("RGB")``
+      (Pillow undoes the inversion of Adobe CMYK JPEGs when decoding)
+    """
+    try:
+        if img.mode.startswith("I"):
+            return _grey_to_8bit(img).convert("RGB")
+        if img.mode == "F":
+            return _float_to_8bit(img).convert("RGB")
+        if img.mode in _ALPHA_MODES or "transparency" in img.info:
+            return _flatten_alpha(img, background)
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except ValueError as e:
+        raise SampleError("unsupported_image", f"image mode {img.mode!r} cannot be converted to RGB ({e}); "
+                          "expected 1, L, P, RGB(A), LA, PA, CMYK, YCbCr, LAB, HSV, I, I;16 or F") from None
+
+
+def _flatten_alpha(img: Image.Image, background: list[int]) -> Image.Image:
+    """Composite over a solid colour: transparent pixels become ``background``, not black."""
+    rgba = img.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """Deep greyscale to L, scaling the image's bit range to 0..255 with rounding.
+
+    I;16 modes are 16-bit by definition (65535 -> 255, i.e. value / 257).
+    Mode I is a 32-bit container, so its range is the smallest of 8, 16 or
+    31 bits (int32's positive half) that holds the image's maximum; negative
+    values clip to 0. Pillow's own I -> L conversion clips instead of
+    scaling, which turns 16-bit images white.
+    """
+    values = np.asarray(img).astype(np.int64)
+    if img.mode.startswith("I;16"):
+        top = 65535
+    else:
+        peak = int(values.max(initial=0))
+        top = 255 if peak <= 255 else 65535 if peak <= 65535 else 2**31 - 1
+    scaled = (np.clip(values, 0, top) * 255 + top // 2) // top   # integer round-half-up
+    return Image.fromarray(scaled.astype(np.uint8))
+
+
+def _float_to_8bit(img: Image.Image) -> Image.Image:
+    """F images are taken to be on a 0..255 scale: clip and round (NaN -> 0)."""
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8))
+
+
+def _resize(img: Image.Image, config: ImageConfig) -> Image.Image:
+    """Apply ``config.resize``; see :class:`ImageConfig` for what each mode means."""
+    w, h, side = img.width, img.height, config.size
+    if config.resize == "shorter_side_crop":
+        # Resampling straight from the centred square box crops and resizes
+        # in one pass, without first resizing the parts that get cut away.
+        s = min(w, h)
+        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+        return img.resize((side, side), _RESAMPLE, box=box)
+    if config.resize == "letterbox":
+        inner = img.resize(_scaled(w, h, side / max(w, h)), _RESAMPLE)
+        canvas = Image.new("RGB", (side, side), tuple(config.pad_color))
+        canvas.paste(inner, ((side - inner.width) // 2, (side - inner.height) // 2))
+        return canvas
+    if max(w, h) <= side:   # max_side never upscales: small images keep their pixels
+        return img
+    return img.resize(_scaled(w, h, side / max(w, h)), _RESAMPLE)
+
+
+def _scaled(w: int, h: int, scale: float) -> tuple[int, int]:
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _save(img: Image.Image, config: ImageConfig) -> bytes:
+    """Encode with fixed parameters; an empty ``info`` keeps input metadata out of the file."""
+    img.info = {}   # some Pillow plugins copy EXIF/ICC/DPI from info when saving
+    name, params = _ENCODERS[config.format]
+    if config.format in ("jpg", "webp"):
+        params = {**params, "quality": config.quality}
+    buf = io.BytesIO()
+    img.save(buf, name, **params)
+    return buf.getvalue()

@@ -1,0 +1,66 @@
+"""The shard format's names in one place: member extensions, key rules, errors.
+
+A sample in a shard is a group of tar members sharing a key:
+``<key>.json`` (always), ``<key>.txt`` + ``<key>.tokens.npy`` (text),
+``<key>.jpg|.webp|.png`` (image), ``<key>.mel.npy`` (+ ``<key>.flac``) (audio),
+``<key>.cls`` (label). The README's "Shard format" section is the contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+FORMAT_VERSION = 1
+
+# Member extensions. Order here is the order members are written in a sample.
+JSON = "json"
+TEXT = "txt"
+TOKENS = "tokens.npy"
+IMAGE_EXTS = ("jpg", "webp", "png")
+MEL = "mel.npy"
+FLAC = "flac"
+LABEL = "cls"
+MEMBER_ORDER = (JSON, TEXT, TOKENS, *IMAGE_EXTS, MEL, FLAC, LABEL)
+
+MODALITIES = ("text", "image", "audio")
+
+DATASET_JSON = "dataset.json"
+ERRORS_JSONL = "errors.jsonl"
+TOKENIZER_FILE = "tokenizer.model"
+INDEX_DIR = "index"
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def make_key(sample_id: str) -> str:
+    """A WebDataset-safe key for an id: the id itself when it is safe.
+
+    WebDataset splits member names at the first dot and treats slashes as
+    directories, so any other id becomes a readable, sanitised prefix plus a
+    hash of the full id (keeping keys unique). The original id always
+    survives in ``<key>.json``.
+    """
+    if _SAFE_KEY.match(sample_id):
+        return sample_id
+    digest = hashlib.sha1(sample_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    prefix = _UNSAFE_CHARS.sub("_", sample_id)[:48].strip("_")
+    return f"{prefix}_{digest}" if prefix else f"id_{digest}"
+
+
+def shard_name(partition: int, part: int = 0) -> str:
+    """``shard-000007.tar``; a partition split by ``max_shard_bytes`` adds ``_1``, ``_2``..."""
+    return f"shard-{partition:06d}.tar" if part == 0 else f"shard-{partition:06d}_{part}.tar"
+
+
+class SampleError(Exception):
+    """A problem with one sample's input: counted and reported, never fatal.
+
+    ``reason`` is a short stable slug (``corrupt_image``, ``missing_file``...)
+    used for counting in summaries; the message says what was expected.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason

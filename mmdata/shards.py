@@ -1,0 +1,124 @@
+"""Deterministic WebDataset tar writing, with a per-sample index as a side product.
+
+Every header field that could vary between runs (mtime, uid/gid, names,
+mode) is fixed, members are written in schema order, and the tar is written
+under a temporary name and renamed when complete. While writing we know
+each member's byte offset, so the Parquet index that lets readers seek to
+any sample costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmdata.schema import INDEX_DIR, MEMBER_ORDER, shard_name
+
+INDEX_SCHEMA = pa.schema([
+    ("shard", pa.string()),
+    ("key", pa.string()),
+    ("id", pa.string()),
+    ("row", pa.int64()),
+    ("offset", pa.int64()),        # byte offset of the sample's first tar header
+    ("size", pa.int64()),          # bytes from that header to the end of the sample's last member
+    ("members", pa.list_(pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))),
+    ("has_text", pa.bool_()),
+    ("has_image", pa.bool_()),
+    ("has_audio", pa.bool_()),
+    ("n_tokens", pa.int32()),
+    ("image_width", pa.int32()),
+    ("image_height", pa.int32()),
+    ("audio_frames", pa.int32()),
+    ("label", pa.int64()),
+])
+
+
+def tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def member_order(ext: str) -> int:
+    return MEMBER_ORDER.index(ext) if ext in MEMBER_ORDER else len(MEMBER_ORDER)
+
+
+@dataclass
+class ShardWriter:
+    """Writes samples of partition ``partition`` into ``out_dir``; splits at ``max_bytes``.
+
+    Files appear under their final names only when complete (tmp + rename).
+    """
+    out_dir: Path
+    partition: int
+    max_bytes: int = 0
+    shards: list[dict] = field(default_factory=list)   # {"name", "samples", "bytes"} per finished shard
+    _tar: tarfile.TarFile | None = None
+    _file: io.BufferedWriter | None = None
+    _rows: list[dict] = field(default_factory=list)
+
+    def write(self, key: str, members: dict[str, bytes], index: dict) -> None:
+        """Add one sample. ``index`` holds the per-sample columns other than shard/key/offsets."""
+        size = sum(512 + -(-len(v) // 512) * 512 for v in members.values())
+        if self._tar is not None and self.max_bytes and self._rows and self._tar.offset + size > self.max_bytes:
+            self._finish()
+        if self._tar is None:
+            self._open()
+        start, placed = self._tar.offset, []
+        for ext in sorted(members, key=lambda e: (member_order(e), e)):
+            data = members[ext]
+            header = self._tar.offset
+            self._tar.addfile(tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            placed.append({"ext": ext, "offset": header + 512, "size": len(data)})
+        end = placed[-1]["offset"] + placed[-1]["size"]
+        self._rows.append({"shard": self._name, "key": key, "offset": start, "size": end - start,
+                           "members": placed, **index})
+
+    def close(self) -> list[dict]:
+        """Finish the open shard (an empty partition still gets one empty shard); returns shard list."""
+        if self._tar is None and not self.shards:
+            self._open()
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+    def _open(self) -> None:
+        self._name = shard_name(self.partition, len(self.shards))
+        self._tmp = self.out_dir / f".{self._name}.{uuid.uuid4().hex}.tmp"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def _finish(self) -> None:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        size = self._tmp.stat().st_size
+        write_index(self.out_dir / INDEX_DIR / f"{Path(self._name).stem}.parquet", self._rows)
+        os.replace(self._tmp, self.out_dir / self._name)
+        self.shards.append({"name": self._name, "samples": len(self._rows), "bytes": size})
+        self._tar, self._file, self._rows = None, None, []
+
+
+def write_index(path: Path, rows: list[dict]) -> None:
+    columns = {name: [row.get(name) for row in rows] for name in INDEX_SCHEMA.names}
+    table = pa.Table.from_pydict(columns, schema=INDEX_SCHEMA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # no statistics/page index timestamps: pyarrow output is byte-stable for the same table
+    pq.write_table(table, tmp, compression="zstd", write_statistics=False)
+    os.replace(tmp, path)
+
+
+def read_index(path: str | Path) -> pa.Table:
+    return pq.read_table(path, schema=INDEX_SCHEMA)

@@ -1,0 +1,111 @@
+"""The few filesystem operations preprocessing needs, on local paths and fsspec URLs.
+
+Local paths get real atomicity (``os.replace``) and hard links; object
+stores get whole-object uploads (a PUT is atomic: readers see the old
+object or the new one) and server-side copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import fsspec
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> Path:
+    return Path(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def filesystem(url: str, storage_options: dict):
+    return fsspec.core.url_to_fs(url, **storage_options)
+
+
+def exists(url: str, storage_options: dict) -> bool:
+    if is_local(url):
+        return local_path(url).exists()
+    fs, path = filesystem(url, storage_options)
+    return fs.exists(path)
+
+
+def read_bytes(url: str, storage_options: dict) -> bytes:
+    if is_local(url):
+        return local_path(url).read_bytes()
+    fs, path = filesystem(url, storage_options)
+    return fs.cat_file(path)
+
+
+def read_json(url: str, storage_options: dict):
+    return json.loads(read_bytes(url, storage_options))
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict) -> None:
+    """Atomic: the file appears complete under its final name or not at all."""
+    if is_local(url):
+        path = local_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs, path = filesystem(url, storage_options)
+        fs.pipe_file(path, data)
+
+
+def write_json(url: str, obj, storage_options: dict) -> None:
+    write_bytes(url, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode(), storage_options)
+
+
+def upload(local: Path, url: str, storage_options: dict) -> None:
+    """Publish a finished local file at ``url`` (atomic on both kinds of storage)."""
+    if is_local(url):
+        dest = local_path(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+    else:
+        fs, path = filesystem(url, storage_options)
+        fs.put_file(str(local), path)
+
+
+def link_or_copy(src: str, dst: str, storage_options: dict) -> None:
+    """Place ``src`` at ``dst``: a hard link locally (no extra bytes), else a server-side copy."""
+    if is_local(src) and is_local(dst):
+        source, dest = local_path(src), local_path(dst)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.link(source, tmp)
+        except OSError:  # another filesystem, or links not supported
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+    else:
+        fs, src_path = filesystem(src, storage_options)
+        _, dst_path = filesystem(dst, storage_options)
+        fs.copy(src_path, dst_path)
+
+
+def list_names(url: str, storage_options: dict) -> list[str]:
+    """File names directly under ``url`` (sorted), skipping temporary files."""
+    if is_local(url):
+        path = local_path(url)
+        names = [p.name for p in path.iterdir() if p.is_file()] if path.is_dir() else []
+    else:
+        fs, path = filesystem(url, storage_options)
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.exists(path) else []
+    return sorted(n for n in names if not n.endswith(".tmp"))

@@ -1,0 +1,22 @@
+"""Helpers shared by tests (importable because pyproject sets pythonpath = ["tests"])."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def preprocess_config(manifest, root, *overrides: str):
+    """A small, fast PreprocessConfig for tests (serial executor unless overridden)."""
+    from mmdata.config import load_config
+    from mmdata.pipeline import PreprocessConfig
+    base = [f"input.manifest={manifest}", f"output.root={root}", "output.name=t",
+            "output.samples_per_shard=12", "text.vocab_size=128", "text.max_tokens=24",
+            "image.size=32", "audio.n_mels=32", "audio.max_seconds=2.0", "progress=false",
+            "ray.executor=serial", "max_error_rate=0.5"]
+    return load_config(PreprocessConfig, None, [*base, *overrides])
+
+
+def dataset_files(dataset: str | Path) -> dict[str, bytes]:
+    """Every file of a dataset directory by relative name (to compare runs byte for byte)."""
+    root = Path(dataset)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
