@@ -87,6 +87,8 @@ def link_or_copy(src: str, dst: str, storage_options: dict) -> None:
     """Place ``src`` at ``dst``: a hard link locally (no extra bytes), else a server-side copy."""
     if is_local(src) and is_local(dst):
         source, dest = local_path(src), local_path(dst)
+        if dest.exists() and os.path.samefile(source, dest):
+            return
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -94,6 +96,9 @@ def link_or_copy(src: str, dst: str, storage_options: dict) -> None:
         except OSError:  # another filesystem, or links not supported
             shutil.copyfile(source, tmp)
         os.replace(tmp, dest)
+        # rename() between two links to one file is a no-op that leaves the source name
+        # behind (POSIX); that happens when a concurrent run linked the same file first
+        tmp.unlink(missing_ok=True)
     else:
         fs, src_path = filesystem(src, storage_options)
         _, dst_path = filesystem(dst, storage_options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -17,6 +18,14 @@ def preprocess_config(manifest, root, *overrides: str):
 
 
 def dataset_files(dataset: str | Path) -> dict[str, bytes]:
-    """Every file of a dataset directory by relative name (to compare runs byte for byte)."""
+    """Every file of a dataset directory by relative name (to compare runs byte for byte).
+
+    dataset.json records the full config, including where the output went and which
+    executor ran; those legitimately differ between compared runs and are blanked.
+    """
     root = Path(dataset)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    description = json.loads(files["dataset.json"])
+    description["config"]["output"]["root"] = description["config"]["ray"] = None
+    files["dataset.json"] = json.dumps(description, sort_keys=True).encode()
+    return files

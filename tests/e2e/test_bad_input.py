@@ -78,7 +78,7 @@ def test_each_bad_input_has_its_reason_and_nothing_is_lost(bad_manifest, tmp_pat
     config = preprocess_config(bad_manifest, tmp_path / "out", "text.max_chars=100", "max_error_rate=1.0")
     result = preprocess(config, log=lambda _: None)
     t = result.totals
-    assert t["samples_in"] == 17
+    assert t["samples_in"] == 16
     assert t["written"] + t["rejected"] == t["samples_in"]
     errors = [json.loads(line) for line in open(f"{result.dataset}/errors.jsonl")]
     by_reason = {}
@@ -92,7 +92,8 @@ def test_each_bad_input_has_its_reason_and_nothing_is_lost(bad_manifest, tmp_pat
                    "invalid_label", "bad_row", "no_modalities"):
         assert reason in counts, f"no error with reason {reason}: {counts}"
     assert counts["corrupt_image"] == 3 and counts["missing_file"] == 2
-    assert {e["id"] for e in by_reason["no_modalities"]} == {"nothing"}
+    # "nothing" had no modality; "utf8" had only its (invalid) text left
+    assert {e["id"] for e in by_reason["no_modalities"]} == {"nothing", "utf8"}
     assert by_reason["missing_file"][0]["stage"] == "read" and "nowhere" in by_reason["missing_file"][0]["error"]
     assert by_reason["image_too_large"][0]["id"] == "bomb"
     # dropped modalities keep the sample: "trunc" is written with text only
@@ -110,7 +111,7 @@ def test_reject_sample_policy_rejects_the_whole_sample(bad_manifest, tmp_path):
     loose = preprocess(preprocess_config(bad_manifest, tmp_path / "out2", "max_error_rate=1.0"),
                        log=lambda _: None)
     assert result.totals["rejected"] > loose.totals["rejected"]
-    assert result.totals["written"] + result.totals["rejected"] == 17
+    assert result.totals["written"] + result.totals["rejected"] == 16
 
 
 def test_error_rate_over_the_limit_fails_the_run_and_says_so(bad_manifest, tmp_path, capsys):
@@ -125,7 +126,7 @@ def test_error_rate_over_the_limit_fails_the_run_and_says_so(bad_manifest, tmp_p
 
 
 @pytest.mark.parametrize("override, words", [
-    ("image.size=-1", "image.size: must be positive"),
+    ("image.size=-1", "image.size: must be a positive"),
     ("image.colour=red", "image.colour: unknown key"),
     ("input.manifest=/no/such/manifest.jsonl", "/no/such/manifest.jsonl does not exist"),
     ("text.tokenizer=/no/such.model", "text.tokenizer: cannot load SentencePiece model"),

@@ -57,7 +57,10 @@ def test_fixing_a_broken_file_rebuilds_only_its_shard(inputs, tmp_path):
     fixed = preprocess(preprocess_config(manifest, root, tok), **QUIET)
     assert (fixed.partitions_built, fixed.partitions_reused) == (1, 3)
     assert fixed.totals["errors_by_reason"] == {}
-    assert dataset_files(fixed.dataset) == dataset_files(clean.dataset)
+    # same shards, index, errors and tokenizer as a clean run; dataset.json differs only in the
+    # fingerprints, because the fixed file has a new mtime (file_identity: stat)
+    without_description = lambda files: {k: v for k, v in files.items() if k != "dataset.json"}  # noqa: E731
+    assert without_description(dataset_files(fixed.dataset)) == without_description(dataset_files(clean.dataset))
 
 
 def test_editing_a_caption_or_appending_rows_rebuilds_only_what_changed(inputs, tmp_path):

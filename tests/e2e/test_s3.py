@@ -40,16 +40,16 @@ def test_s3_input_and_output(demo_dir, tmp_path, s3_endpoint):
     import s3fs
     client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="k", aws_secret_access_key="s",
                           region_name="us-east-1")
-    client.create_bucket(Bucket="in")
-    client.create_bucket(Bucket="out")
+    client.create_bucket(Bucket="mm-in")
+    client.create_bucket(Bucket="mm-out")
     options = {"endpoint_url": s3_endpoint, "key": "k", "secret": "s"}
     fs = s3fs.S3FileSystem(**options)
-    fs.put(str(demo_dir), "in/demo", recursive=True)
+    fs.put(str(demo_dir), "mm-in/demo", recursive=True)
     storage = [f"input.storage_options={options}", f"output.storage_options={options}"]
     local = preprocess(preprocess_config(demo_dir / "manifest.jsonl", tmp_path), log=lambda _: None)
-    remote_config = preprocess_config("s3://in/demo/manifest.jsonl", "s3://out/datasets", *storage)
+    remote_config = preprocess_config("s3://mm-in/demo/manifest.jsonl", "s3://mm-out/datasets", *storage)
     remote = preprocess(remote_config, log=lambda _: None)
-    assert remote.dataset.startswith("s3://out/datasets/t-")
+    assert remote.dataset.startswith("s3://mm-out/datasets/t-")
     assert remote.totals == local.totals
     fs.invalidate_cache()
     for name, data in dataset_files(local.dataset).items():
