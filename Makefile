@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_N ?= 2000
 
-.PHONY: install test preprocess train bench-preprocess lint clean
+.PHONY: install test preprocess train bench-preprocess bench-loader lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ train: $(STAMP)
 
 bench-preprocess: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py $(ARGS)
+
+bench-loader: $(STAMP) data/demo/manifest.jsonl
+	test -e data/datasets/demo/dataset.json || $(VENV)/bin/mmdata preprocess pipelines/demo.yaml
+	$(PY) benchmarks/bench_loader.py $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m compileall -q mmdata mmtrain tests

@@ -15,6 +15,7 @@ Turn multimodal samples (text, image, audio, label) into sharded WebDataset tars
   mmdata info data/datasets/demo                   counts, sizes, errors by reason
   mmdata verify data/datasets/demo                 re-read every shard; exit 1 if unhealthy
   mmdata show data/datasets/demo --out sheet.png   contact sheet of samples
+  mmdata wids-index data/datasets/demo             index for random access with `wids`
 """
 
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.set_defaults(run=run_verify)
 
+    p = sub.add_parser("wids-index", help="write DATASET/wids-index.json for the wids library")
+    p.add_argument("dataset")
+    p.set_defaults(run=lambda a: print(__import__("mmdata.dataset").dataset.write_wids_index(a.dataset)) or 0)
+
     p = sub.add_parser("show", help="draw a contact sheet (images, captions, mel spectrograms)")
     p.add_argument("dataset")
     p.add_argument("--n", type=int, default=16, help="number of samples")
@@ -95,6 +100,7 @@ def format_result(result) -> str:
         "errors     " + (", ".join(f"{r} {n}" for r, n in t["errors_by_reason"].items()) or "none"),
         f"shards     {t['shards']}, {t['bytes'] / 1e6:.1f} MB",
         f"time       {result.seconds:.1f} s, {rate:.0f} samples/s on {result.nodes} node(s)",
+        "phases     " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()),
     ]
     return "\n".join(lines)
 

@@ -122,3 +122,13 @@ def verify_errors(dataset: str, d: dict) -> list[str]:
     if dict(reasons) != d["totals"]["errors_by_reason"]:
         return [f"{ERRORS_JSONL} has {dict(reasons)}, dataset.json says {d['totals']['errors_by_reason']}"]
     return []
+
+
+def write_wids_index(dataset: str) -> str:
+    """Write ``wids-index.json`` (shard URLs relative to it + sample counts) for the ``wids`` library."""
+    d = load_description(dataset)
+    doc = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": d["name"],
+           "shardlist": [{"url": s["name"], "nsamples": s["samples"]} for s in d["shards"]]}
+    url = storage.join(dataset, "wids-index.json")
+    storage.write_json(url, doc, {})
+    return url

@@ -9,6 +9,7 @@ and errors as partitions finish.
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterator
 
 from tqdm import tqdm
@@ -19,8 +20,8 @@ from mmdata.sources import Record
 Partitions = Iterator[tuple[int, list[Record], set[int]]]
 
 
-def run_all(job: Job, partitions: Partitions, total_rows: int, config) -> list[dict]:
-    """Summaries of every partition, ordered by partition number."""
+def run_all(job: Job, partitions: Partitions, total_rows: int, config, phases: dict) -> list[dict]:
+    """Summaries of every partition, ordered by partition number; adds startup/partitions to ``phases``."""
     bar = tqdm(total=total_rows, unit="sample", disable=not config.progress, dynamic_ncols=True,
                desc="preprocess", smoothing=0.1)
     errors = 0
@@ -31,16 +32,21 @@ def run_all(job: Job, partitions: Partitions, total_rows: int, config) -> list[d
         bar.update(summary["samples_in"])
         bar.set_postfix(errors=errors, reused=summary["reused"], refresh=False)
 
+    start = time.perf_counter()
     try:
         if config.ray.executor == "serial":
+            phases["startup"] = 0.0
             summaries = []
             for k, records, duplicates in partitions:
                 summaries.append(run_partition(job, k, records, duplicates))
                 done(summaries[-1])
         else:
+            init_ray(config.ray)
+            phases["startup"] = time.perf_counter() - start
             summaries = run_on_ray(job, partitions, config.ray, done)
     finally:
         bar.close()
+    phases["partitions"] = time.perf_counter() - start - phases.get("startup", 0.0)
     return sorted(summaries, key=lambda s: s["partition"])
 
 

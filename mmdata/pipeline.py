@@ -97,6 +97,7 @@ class Result:
     partitions_built: int
     seconds: float
     nodes: int = 1                  # Ray nodes that ran partitions
+    phases: dict = field(default_factory=dict)  # seconds per phase: scan, tokenizer, startup, partitions, assemble
 
     @property
     def error_rate(self) -> float:
@@ -165,14 +166,18 @@ def iter_partitions(config: PreprocessConfig, scan: Scan) -> Iterator[tuple[int,
 def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> Result:
     """Run the whole job; see the module docstring. Raises ConfigError before any work."""
     start = time.perf_counter()
+    phases = {}
     check_readable(config.input)
     scan = scan_input(config)
+    phases["scan"] = time.perf_counter() - start
     tokenizer = get_tokenizer(config, scan)
     labels = label_mapping(scan)
     salt = job_salt(config, tokenizer, labels)
     job = Job(config, tokenizer, labels, salt, storage.join(config.output.root, STORE))
+    phases["tokenizer"] = time.perf_counter() - start - phases["scan"]
     from mmdata.executor import run_all
-    summaries = run_all(job, iter_partitions(config, scan), scan.rows, config)
+    summaries = run_all(job, iter_partitions(config, scan), scan.rows, config, phases)
+    mark = time.perf_counter()
     fingerprint = hashlib.sha256((salt + "".join(s["fingerprint"] for s in summaries)).encode()).hexdigest()[:16]
     dataset = storage.join(config.output.root, f"{config.output.name}-{fingerprint[:12]}")
     totals = add_totals(summaries)
@@ -181,10 +186,11 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     if not reused:
         assemble(job, dataset, fingerprint, summaries, totals, scan)
     point_latest(config.output, dataset)
+    phases["assemble"] = time.perf_counter() - mark
     n_reused = sum(s["reused"] for s in summaries)
     nodes = len({s.get("node") for s in summaries})
     return Result(dataset, fingerprint, reused, totals, n_reused, len(summaries) - n_reused,
-                  time.perf_counter() - start, nodes)
+                  time.perf_counter() - start, nodes, {k: round(v, 3) for k, v in phases.items()})
 
 
 def add_totals(summaries: list[dict]) -> dict:

@@ -18,3 +18,13 @@ def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     generate_demo(out, 48, seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(demo_dir, tmp_path_factory) -> str:
+    """The 48 demo samples preprocessed into 10 small shards (5 samples each, one of 3)."""
+    from helpers import preprocess_config
+    from mmdata.pipeline import preprocess
+    root = tmp_path_factory.mktemp("dataset")
+    config = preprocess_config(demo_dir / "manifest.jsonl", root, "output.samples_per_shard=5")
+    return preprocess(config, log=lambda _: None).dataset

@@ -29,3 +29,19 @@ def dataset_files(dataset: str | Path) -> dict[str, bytes]:
     description["config"]["output"]["root"] = description["config"]["ray"] = None
     files["dataset.json"] = json.dumps(description, sort_keys=True).encode()
     return files
+
+
+def loader_config(*datasets: str, **overrides):
+    """A LoaderConfig over dataset directories, small and fast for tests."""
+    from mmdata.config import from_dict, validate_tree
+    from mmdata.loader import LoaderConfig
+    data = {"datasets": [{"path": str(d)} for d in datasets], "batch_size": 4, "num_workers": 0,
+            "shuffle_window": 3, "persistent_workers": False}
+    data.update(overrides)
+    config = from_dict(LoaderConfig, data)
+    validate_tree(config)
+    return config
+
+
+def batch_ids(loader) -> list[list[str]]:
+    return [list(batch["ids"]) for batch in loader]

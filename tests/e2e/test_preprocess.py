@@ -147,3 +147,16 @@ def test_latest_symlink_points_at_the_dataset(demo_result):
     config, result = demo_result
     from pathlib import Path
     assert (Path(config.output.root) / "t").resolve() == Path(result.dataset).resolve()
+
+
+def test_wids_reads_the_dataset_through_the_emitted_index(demo_result):
+    import wids
+    from mmdata.dataset import write_wids_index
+    _, result = demo_result
+    index = write_wids_index(result.dataset)
+    dataset = wids.ShardListDataset(index)
+    assert len(dataset) == 48
+    sample = dataset[13]
+    first_shard = list(wds.WebDataset(f"{result.dataset}/shard-000001.tar", shardshuffle=False))
+    assert sample["__key__"] == first_shard[1]["__key__"]
+    assert sample[".json"]["id"] == json.loads(first_shard[1]["json"])["id"]  # wids decodes json itself

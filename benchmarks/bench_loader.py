@@ -1,0 +1,149 @@
+"""Benchmark: loader samples/s vs plain webdataset, loose files and the decode ceiling; resume latency.
+
+    make bench-loader                      # demo data, 2 workers
+    python benchmarks/bench_loader.py --dataset data/datasets/demo --workers 2 --batch 64
+
+All four readers decode the same members (tokens, image, mel) with the same
+decode/collate code and the same number of DataLoader workers, in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmdata.decode import AugmentConfig, collate, decode_sample
+
+MEMBERS = ("tokens.npy", "jpg", "mel.npy")
+
+
+def rate(batches, warmup: int = 1) -> float:
+    """Samples/s after the first ``warmup`` batches (worker start-up is not throughput)."""
+    n, start = 0, None
+    for i, batch in enumerate(batches):
+        if i == warmup - 1:
+            start = time.perf_counter()
+        elif i >= warmup:
+            n += len(batch["ids"])
+    return n / (time.perf_counter() - start)
+
+
+def decode_members(sample: dict) -> dict:
+    members = {ext: sample[ext] for ext in MEMBERS if ext in sample}
+    out = decode_sample(members, AugmentConfig(), np.random.default_rng(0))
+    out["id"] = sample.get("__key__", "")
+    return out
+
+
+def ours(dataset: str, workers: int, batch: int) -> float:
+    from mmdata.config import from_dict
+    from mmdata.loader import LoaderConfig, MultimodalLoader
+    config = from_dict(LoaderConfig, {"datasets": [{"path": dataset}], "batch_size": batch, "num_workers": workers})
+    return rate(MultimodalLoader(config))
+
+
+def plain_webdataset(dataset: str, workers: int, batch: int) -> float:
+    import webdataset as wds
+    shards = sorted(str(p) for p in Path(dataset).glob("shard-*.tar"))
+    pipeline = (wds.WebDataset(shards, shardshuffle=len(shards), seed=0, empty_check=False)
+                .shuffle(1000).map(decode_members).batched(batch, collation_fn=collate))
+    return rate(DataLoader(pipeline, batch_size=None, num_workers=workers))
+
+
+class LooseFiles(Dataset):
+    """Map-style baseline: every member a file of its own."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.keys = sorted({p.name.split(".", 1)[0] for p in folder.iterdir()})
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict:
+        key = self.keys[i]
+        sample = {"__key__": key}
+        for ext in MEMBERS:
+            path = self.folder / f"{key}.{ext}"
+            if path.exists():
+                sample[ext] = path.read_bytes()
+        return decode_members(sample)
+
+
+def loose_files(dataset: str, workers: int, batch: int, scratch: Path) -> float:
+    folder = scratch / "loose"
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        for shard in sorted(Path(dataset).glob("shard-*.tar")):
+            with tarfile.open(shard) as tar:
+                tar.extractall(folder, filter="data")
+    loader = DataLoader(LooseFiles(folder), batch_size=batch, shuffle=True, num_workers=workers,
+                        collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    return rate(loader)
+
+
+def decode_ceiling(dataset: str, workers: int, limit: int = 1000) -> float:
+    import webdataset as wds
+    shards = sorted(str(p) for p in Path(dataset).glob("shard-*.tar"))
+    samples = [s for _, s in zip(range(limit), wds.WebDataset(shards, shardshuffle=False, empty_check=False))]
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    for i in range(0, len(samples), 64):
+        collate([decode_members(s) for s in samples[i: i + 64]])
+    return len(samples) / (time.perf_counter() - start) * workers
+
+
+def resume_latency(dataset: str, workers: int, batch: int) -> dict[str, float]:
+    from mmdata.config import from_dict
+    from mmdata.loader import LoaderConfig, MultimodalLoader
+    config = from_dict(LoaderConfig, {"datasets": [{"path": dataset}], "batch_size": batch, "num_workers": workers})
+    probe = MultimodalLoader(config)
+    total = len(probe)
+    state = probe.state_dict()
+    out = {}
+    for fraction in (0.01, 0.5, 0.99):
+        loader = MultimodalLoader(config)
+        at = max(0, min(total - 1, int(total * fraction)))
+        start = time.perf_counter()
+        loader.load_state_dict({**state, "consumed": at * batch})
+        next(iter(loader))
+        out[f"{fraction:.0%}"] = time.perf_counter() - start
+        loader.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="data/datasets/demo")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    dataset = str(Path(args.dataset).resolve())
+    scratch = Path(tempfile.mkdtemp(prefix="mm-bench-loader-"))
+    print(f"dataset {dataset}; {args.workers} workers; batch {args.batch}")
+    ceiling = decode_ceiling(dataset, args.workers)
+    results = {"mmdata loader": ours(dataset, args.workers, args.batch),
+               "plain webdataset": plain_webdataset(dataset, args.workers, args.batch),
+               "loose files (map-style)": loose_files(dataset, args.workers, args.batch, scratch)}
+    ours_rate = results["mmdata loader"]
+    print(f"decode ceiling (1 process x {args.workers}): {ceiling:.0f} samples/s")
+    for name, value in results.items():
+        print(f"{name:26s} {value:8.0f} samples/s   {value / ceiling:.2f} of ceiling")
+    print(f"mmdata / plain webdataset: {ours_rate / results['plain webdataset']:.2f}x; "
+          f"mmdata / decode ceiling: {ours_rate / ceiling:.2f}")
+    latency = resume_latency(dataset, args.workers, args.batch)
+    print("resume latency (load_state_dict -> first batch): "
+          + ", ".join(f"{k} of epoch {v:.2f} s" for k, v in latency.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""Stream preprocessed datasets into PyTorch: distributed, deterministic, exactly resumable.
+
+    catalogs (per-sample index) -> epoch plan f(seed, epoch, layout)     order.py
+    -> rank's slice of each global batch -> worker's round-robin batches
+    -> read only the requested members by byte offset                    reader.py
+    -> decode + augment (seeded per sample) -> collate (pad + masks)      decode.py
+
+    loader = MultimodalLoader(config)           # rank/world from torch.distributed
+    for batch in loader: ...                    # one epoch per `for`
+    state = loader.state_dict()                 # tiny: epoch, samples consumed, layouts
+    loader.load_state_dict(state)               # exact (same world) or elastic resume
+
+Workers are ordinary torch DataLoader processes. Which batches they build
+is read from a small shared tensor at the start of each iteration, so
+workers can be persistent across epochs and resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmdata.catalog import Catalog, load_catalog, split_mask
+from mmdata.config import ConfigError, require, require_choice
+from mmdata.decode import MODALITY_MEMBERS, AugmentConfig, DecodeError, collate, decode_sample
+from mmdata.order import (Layout, Source, batches_in_plan, epoch_plan, mixed_order, plan_length,
+                          rank_batch, worker_batches)
+from mmdata.reader import ReadConfig, ShardReader, ShardReadError
+
+STATE_VERSION = 1
+MAX_LAYOUTS = 16
+
+
+@dataclass
+class DatasetSource:
+    path: str                      # a dataset directory (local path or fsspec URL)
+    weight: float = 1.0            # mixing weight (relative)
+
+
+@dataclass
+class LoaderConfig:
+    datasets: list[DatasetSource] = field(default_factory=list)
+    modalities: list[str] = field(default_factory=lambda: ["text", "image", "audio"])
+    batch_size: int = 32           # per rank
+    shuffle: bool = True
+    seed: int = 0
+    shuffle_window: int = 4        # shards whose samples are shuffled together
+    samples_per_epoch: int = 0     # 0: the selected samples of all datasets
+    remainder: str = "drop"        # drop | pad: the last partial global batch
+    split: str = "all"             # all | train | eval (deterministic, by a hash of the id)
+    eval_fraction: float = 0.0
+    bucket_by: str | None = None   # None | tokens | audio_frames
+    bucket_batches: int = 8        # global batches sorted together when bucketing
+    pad_tokens_to: int | None = None
+    normalize_images: bool = False
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    pin_memory: bool = True        # only used when CUDA is available
+    timeout_s: float = 300.0       # a worker producing nothing for this long is an error
+    on_error: str = "raise"        # raise | skip (skipped samples are counted per batch)
+    read: ReadConfig = field(default_factory=ReadConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        require(len(self.datasets) > 0, "datasets", "needs at least one dataset directory")
+        for i, d in enumerate(self.datasets):
+            require(d.weight > 0, f"datasets[{i}].weight", f"must be positive; got {d.weight}")
+        require(len(self.modalities) > 0 and set(self.modalities) <= set(MODALITY_MEMBERS), "modalities",
+                f"must be a non-empty subset of {list(MODALITY_MEMBERS)}; got {self.modalities}")
+        require(self.batch_size > 0, "batch_size", f"must be positive; got {self.batch_size}")
+        require(self.shuffle_window > 0, "shuffle_window", f"must be positive; got {self.shuffle_window}")
+        require(self.samples_per_epoch >= 0, "samples_per_epoch", "must be >= 0")
+        require_choice(self.remainder, "remainder", ("drop", "pad"))
+        require_choice(self.split, "split", ("all", "train", "eval"))
+        require(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1); got {self.eval_fraction}")
+        require(self.split == "all" or self.eval_fraction > 0, "eval_fraction",
+                f"must be > 0 when split is {self.split!r}")
+        require_choice(self.bucket_by, "bucket_by", (None, "tokens", "audio_frames"))
+        require(self.bucket_batches > 0, "bucket_batches", "must be positive")
+        require(self.pad_tokens_to is None or self.pad_tokens_to > 0, "pad_tokens_to", "must be positive")
+        require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        require(self.prefetch_factor > 0, "prefetch_factor", "must be positive")
+        require(self.timeout_s >= 0, "timeout_s", "must be >= 0")
+        require_choice(self.on_error, "on_error", ("raise", "skip"))
+
+
+class LoaderError(Exception):
+    """A sample that cannot be loaded (with on_error=raise), naming shard and key."""
+
+
+class UnreadableSample(Exception):
+    """One sample's members cannot be read or decoded; the message names shard URL and key."""
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs to build any batch of the epoch; cheap to pickle (fork shares it)."""
+    catalogs: list[Catalog]
+    sources: list[Source]
+    config: LoaderConfig
+    rank: int
+    pad_id: int
+    n_draws: int
+
+    def draws(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        c = self.config
+        which, pos = mixed_order(self.sources, c.seed, epoch, c.shuffle, c.shuffle_window, self.n_draws)
+        rows = np.empty(len(which), np.int64)
+        lengths = np.empty(len(which), np.int64) if c.bucket_by else None
+        for i, source in enumerate(self.sources):
+            where = which == i
+            rows[where] = source.rows[pos[where]]
+            if lengths is not None:
+                lengths[where] = source.lengths[pos[where]]
+        return which, rows, lengths
+
+    def build(self, epoch: int, layouts: list[Layout]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        which, rows, lengths = self.draws(epoch)
+        plan = epoch_plan(which, lengths, layouts, self.config.seed, epoch, self.config.bucket_batches,
+                          self.config.remainder == "pad")
+        return plan, which, rows
+
+
+class EpochBatches(IterableDataset):
+    """Yields this rank's batches of the epoch that ``control`` describes, split across workers."""
+
+    def __init__(self, plan: Plan, control: torch.Tensor):
+        self.plan, self.control = plan, control
+        self._cache: tuple | None = None
+        self._reader: ShardReader | None = None
+
+    def __iter__(self):
+        epoch, first, layouts = decode_control(self.control)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        key = (epoch, tuple(layouts))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.plan.build(epoch, layouts))
+        plan, which, rows = self._cache[1]
+        if self._reader is None:
+            self._reader = ShardReader(self.plan.config.read)
+        layout = layouts[-1]
+        for b in worker_batches(first, batches_in_plan(len(plan), layout), worker, workers):
+            yield self.make_batch(epoch, b, layout, plan, which, rows)
+
+    def make_batch(self, epoch: int, b: int, layout: Layout, plan, which, rows) -> dict:
+        positions = rank_batch(layout, b, self.plan.rank)
+        samples, sources, pads, skipped = [], [], [], []
+        for position in positions:
+            draw = plan[position]
+            try:
+                samples.append(self.load_sample(int(which[draw]), int(rows[draw]), epoch, int(position)))
+            except UnreadableSample as e:
+                if self.plan.config.on_error == "raise":
+                    raise LoaderError(str(e)) from None
+                skipped.append(str(e))
+                continue
+            sources.append(int(which[draw]))
+            pads.append(position >= self.plan.n_draws)
+        c = self.plan.config
+        batch = collate(samples, pad_id=self.plan.pad_id, pad_tokens_to=c.pad_tokens_to,
+                        normalize_images=c.normalize_images)
+        batch.update(source=torch.tensor(sources, dtype=torch.int64), is_pad=torch.tensor(pads, dtype=torch.bool),
+                     epoch=epoch, batch_index=layout.start // layout.global_batch + b, skipped=skipped)
+        return batch
+
+    def load_sample(self, source: int, row: int, epoch: int, position: int) -> dict:
+        catalog = self.plan.catalogs[source]
+        exts = [ext for m in self.plan.config.modalities for ext in MODALITY_MEMBERS[m]
+                if catalog.offsets.get(ext) is not None and catalog.offsets[ext][row] >= 0]
+        shard = int(catalog.shard[row])
+        url = catalog.shard_urls[shard]
+        key = catalog.keys[row].as_py()
+        ranges = [(int(catalog.offsets[e][row]), int(catalog.sizes[e][row])) for e in exts]
+        try:
+            data = self._reader.read(url, ranges, int(catalog.shard_bytes[shard])) if ranges else []
+            rng = np.random.default_rng([self.plan.config.seed, epoch, position])
+            sample = decode_sample(dict(zip(exts, data)), self.plan.config.augment, rng)
+        except (DecodeError, ShardReadError) as e:
+            raise UnreadableSample(f"{url} sample {key!r}: {e}") from None
+        label = int(catalog.label[row])
+        sample.update(id=catalog.ids[row].as_py(), label=label if label >= 0 else None)
+        return sample
+
+
+def encode_control(control: torch.Tensor, epoch: int, first: int, layouts: list[Layout]) -> None:
+    if len(layouts) > MAX_LAYOUTS:
+        raise LoaderError(f"more than {MAX_LAYOUTS} batch-layout changes within one epoch")
+    values = [epoch, first, len(layouts)] + [v for l in layouts for v in (l.start, l.batch_size, l.world_size)]
+    control.zero_()
+    control[: len(values)] = torch.tensor(values, dtype=torch.int64)
+
+
+def decode_control(control: torch.Tensor) -> tuple[int, int, list[Layout]]:
+    values = control.tolist()
+    epoch, first, n = values[:3]
+    layouts = [Layout(*values[3 + 3 * i: 6 + 3 * i]) for i in range(n)]
+    return epoch, first, layouts
+
+
+class MultimodalLoader:
+    """Batches of one rank. Iterate once per epoch; ``state_dict`` at any batch boundary."""
+
+    def __init__(self, config: LoaderConfig, rank: int | None = None, world_size: int | None = None):
+        if rank is None or world_size is None:
+            rank, world_size = distributed_rank_world()
+        self.config, self.rank, self.world_size = config, rank, world_size
+        catalogs = [load_catalog(d.path, config.read.storage_options) for d in config.datasets]
+        sources = [make_source(c, d.weight, config) for c, d in zip(catalogs, config.datasets)]
+        n_draws = config.samples_per_epoch or sum(len(s.rows) for s in sources)
+        pad_id = catalogs[0].description["tokenizer"].get("pad_id", 0)
+        self.plan = Plan(catalogs, sources, config, rank, max(pad_id, 0), n_draws)
+        from mmdata.preflight import check_plan
+        check_plan(self.plan, world_size)
+        self.epoch, self.consumed = 0, 0
+        self.layouts = [Layout(0, config.batch_size, world_size)]
+        self.source_counts = [0] * len(sources)
+        self.control = torch.zeros(3 + 3 * MAX_LAYOUTS, dtype=torch.int64).share_memory_()
+        self._dataloader: DataLoader | None = None
+
+    @property
+    def catalogs(self) -> list[Catalog]:
+        return self.plan.catalogs
+
+    def __len__(self) -> int:
+        """Batches per rank in the current epoch (the same on every rank)."""
+        layout = self.layouts[-1]
+        return batches_in_plan(plan_length(self.plan.n_draws, layout, self.config.remainder == "pad"), layout)
+
+    def remaining(self) -> int:
+        layout = self.layouts[-1]
+        return len(self) - (self.consumed - layout.start) // layout.global_batch
+
+    def __iter__(self):
+        layout = self.layouts[-1]
+        first = (self.consumed - layout.start) // layout.global_batch
+        encode_control(self.control, self.epoch, first, self.layouts)
+        if first < len(self):
+            for batch in self.dataloader():
+                self.consumed += layout.global_batch
+                for source, n in zip(*np.unique(batch["source"].numpy(), return_counts=True)):
+                    self.source_counts[int(source)] += int(n)
+                yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+        self.layouts = [Layout(0, self.config.batch_size, self.world_size)]
+
+    def dataloader(self) -> DataLoader:
+        if self._dataloader is None:
+            c = self.config
+            workers = c.num_workers
+            self._dataloader = DataLoader(
+                EpochBatches(self.plan, self.control), batch_size=None, num_workers=workers,
+                prefetch_factor=c.prefetch_factor if workers else None,
+                persistent_workers=c.persistent_workers and workers > 0,
+                pin_memory=c.pin_memory and torch.cuda.is_available(),
+                timeout=c.timeout_s if workers else 0,
+                multiprocessing_context="fork" if workers and os.name == "posix" else None)
+        return self._dataloader
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning (state_dict/load_state_dict for mid-epoch)."""
+        self.epoch, self.consumed = epoch, 0
+        self.layouts = [Layout(0, self.config.batch_size, self.world_size)]
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
+                "layouts": [[l.start, l.batch_size, l.world_size] for l in self.layouts],
+                "seed": self.config.seed, "source_counts": list(self.source_counts),
+                "datasets": [c.description["fingerprint"] for c in self.catalogs]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume exactly (same batch size and world size) or elastically (different ones)."""
+        if state.get("version") != STATE_VERSION:
+            raise LoaderError(f"loader state version {state.get('version')}; expected {STATE_VERSION}")
+        fingerprints = [c.description["fingerprint"] for c in self.catalogs]
+        if state["datasets"] != fingerprints or state["seed"] != self.config.seed:
+            raise LoaderError("the loader state belongs to other datasets or another seed "
+                              f"({state['datasets']}, seed {state['seed']}); this loader has {fingerprints}, "
+                              f"seed {self.config.seed}")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self.layouts = [Layout(*l) for l in state["layouts"]]
+        self.source_counts = list(state["source_counts"])
+        if (self.config.batch_size, self.world_size) != (self.layouts[-1].batch_size, self.layouts[-1].world_size):
+            self.layouts.append(Layout(self.consumed, self.config.batch_size, self.world_size))
+
+    def close(self) -> None:
+        """Stop worker processes now (they also stop when the loader is garbage collected)."""
+        if self._dataloader is not None and self._dataloader._iterator is not None:
+            self._dataloader._iterator._shutdown_workers()
+        self._dataloader = None
+
+
+def make_source(catalog: Catalog, weight: float, config: LoaderConfig) -> Source:
+    """The catalog rows this loader uses: the split, and only samples with a requested modality."""
+    keep = split_mask(catalog.ids, config.split, config.eval_fraction)
+    wanted = np.zeros(len(catalog), bool)
+    for modality in config.modalities:
+        wanted |= catalog.has[modality]
+    rows = np.flatnonzero(keep & wanted)
+    lengths = {"tokens": catalog.n_tokens, "audio_frames": catalog.audio_frames}.get(config.bucket_by)
+    return Source(rows=rows, shard=catalog.shard[rows],
+                  lengths=lengths[rows] if lengths is not None else np.zeros(len(rows), np.int64), weight=weight)
+
+
+def move_to(batch: dict, device: torch.device, normalize_images: bool = True) -> dict:
+    """Tensors to ``device`` (non-blocking from pinned memory); uint8 images normalised there."""
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    image = out.get("image")
+    if normalize_images and image is not None and image.dtype == torch.uint8:
+        mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+        out["image"] = (image.float() / 255.0 - mean) / std
+    return out

@@ -1,0 +1,145 @@
+"""The sample order of an epoch, as a pure function of (catalogs, seed, epoch, layout).
+
+    shards shuffled per epoch -> samples shuffled within windows of W shards
+    -> sources mixed by weight -> [optional] length bucketing -> global batches
+    -> rank r takes rows [r*B, (r+1)*B) of each global batch of B*world samples
+    -> DataLoader worker w takes global batches start+w, start+w+k, ... (k workers)
+
+Because everything is a function of a few integers, the loader's state is
+tiny (epoch, samples consumed) and resuming is arithmetic, not replay.
+A change of batch layout mid-epoch (elastic resume) is a new *segment*: the
+samples before it keep their places, the rest are laid out again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset's selected rows, grouped by shard."""
+    rows: np.ndarray          # catalog rows in dataset order
+    shard: np.ndarray         # shard of each row (same length)
+    lengths: np.ndarray       # bucketing length of each row (tokens or frames; zeros when unused)
+    weight: float = 1.0
+
+
+def source_order(source: Source, seed: int, epoch: int, shuffle: bool, window: int, salt: int) -> np.ndarray:
+    """Positions into ``source.rows`` for one pass: shards shuffled, then samples within shard windows."""
+    n = len(source.rows)
+    if not shuffle or n == 0:
+        return np.arange(n)
+    shards, starts = np.unique(source.shard, return_index=True)
+    ends = np.append(starts[1:], n)
+    rng = np.random.default_rng([seed, epoch, salt, 0])
+    shard_order = rng.permutation(len(shards))
+    pieces = []
+    for w in range(0, len(shard_order), window):
+        members = np.concatenate([np.arange(starts[s], ends[s]) for s in shard_order[w: w + window]])
+        pieces.append(np.random.default_rng([seed, epoch, salt, 1, w]).permutation(members))
+    return np.concatenate(pieces)
+
+
+def mixed_order(sources: list[Source], seed: int, epoch: int, shuffle: bool, window: int,
+                length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, position in that source's rows) for ``length`` draws.
+
+    One source: its order, cut to ``length``. Several: each draw picks a source with
+    probability proportional to its weight; a source that runs out starts a new
+    shuffled pass (so a small, heavily weighted source repeats within an epoch).
+    """
+    if len(sources) == 1:
+        order = source_order(sources[0], seed, epoch, shuffle, window, 0)[:length]
+        return np.zeros(len(order), np.int64), order
+    weights = np.array([s.weight for s in sources], float)
+    pick = np.random.default_rng([seed, epoch, 2]).choice(len(sources), size=length, p=weights / weights.sum())
+    positions = np.zeros(length, np.int64)
+    for i, source in enumerate(sources):
+        where = np.flatnonzero(pick == i)
+        n = len(source.rows)
+        passes = [source_order(source, seed, epoch * 1_000_003 + p, shuffle, window, 1 + i)
+                  for p in range(-(-len(where) // n))] if n else []
+        positions[where] = np.concatenate(passes)[: len(where)] if passes else 0
+    return pick.astype(np.int64), positions
+
+
+def bucket(order: np.ndarray, lengths: np.ndarray, global_batch: int, group_batches: int,
+           seed: int, tag: int) -> np.ndarray:
+    """Sort groups of ``group_batches`` global batches by length, then shuffle the batches.
+
+    Batches then hold similar lengths (less padding) while the epoch stays a
+    permutation of the same samples.
+    """
+    out = order.copy()
+    group = global_batch * group_batches
+    rng = np.random.default_rng([seed, tag, 3])
+    whole = len(order) - len(order) % global_batch  # the partial tail is never bucketed
+    for start in range(0, whole, group):
+        chunk = out[start: min(start + group, whole)]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches = chunk.reshape(-1, global_batch)
+        out[start: start + len(chunk)] = batches[rng.permutation(len(batches))].reshape(-1)
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch is cut into batches from sample ``start`` on."""
+    start: int          # global samples already consumed when this layout began
+    batch_size: int     # per rank
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+
+def epoch_plan(draws: np.ndarray, lengths: np.ndarray | None, layouts: list[Layout], seed: int, epoch: int,
+               bucket_batches: int, pad: bool) -> np.ndarray:
+    """The epoch's final sample sequence (indices into ``draws``) under the given layouts.
+
+    Each layout re-lays the samples not yet consumed; bucketing (when ``lengths``
+    is given) permutes only within that remainder, so consumed samples never move.
+    """
+    order = np.arange(len(draws))
+    for i, layout in enumerate(layouts):
+        rest = order[layout.start:]
+        if lengths is not None:
+            rest = bucket(rest, lengths, layout.global_batch, bucket_batches, seed, epoch * 1009 + i)
+        order = np.concatenate([order[: layout.start], rest])
+    last = layouts[-1]
+    tail = (len(order) - last.start) % last.global_batch
+    if tail and pad:
+        order = np.concatenate([order, order[: last.global_batch - tail]])
+    elif tail:
+        order = order[: len(order) - tail]
+    return order
+
+
+def batches_in_plan(plan_length: int, layout: Layout) -> int:
+    """Global batches (= batches per rank) from the layout's start to the end of the plan."""
+    return (plan_length - layout.start) // layout.global_batch
+
+
+def rank_batch(layout: Layout, batch: int, rank: int) -> np.ndarray:
+    """Plan positions of rank ``rank``'s part of global batch ``batch`` (counted from layout.start)."""
+    start = layout.start + batch * layout.global_batch + rank * layout.batch_size
+    return np.arange(start, start + layout.batch_size)
+
+
+def plan_length(n_draws: int, layout: Layout, pad: bool) -> int:
+    """Length of the plan ``epoch_plan`` returns, without building it."""
+    tail = (n_draws - layout.start) % layout.global_batch
+    return n_draws + (layout.global_batch - tail if tail and pad else -tail)
+
+
+def worker_batches(first: int, total: int, worker: int, num_workers: int) -> range:
+    """Global batches worker ``worker`` builds when iteration starts at batch ``first``.
+
+    Round-robin from ``first`` matches torch DataLoader's in-order round-robin over
+    workers, so the main process receives batches first, first+1, first+2...
+    """
+    return range(first + worker, total, max(1, num_workers))

@@ -1,0 +1,317 @@
+"""Read members of shards by byte range: local files, object stores, or a local cache of remote shards.
+
+    read(url, [(offset, size), ...], shard_bytes)
+      local path / file://  -> cached fd (LRU of 64) + os.pread per range
+      remote, no cache_dir  -> merge nearby ranges -> fs.cat_file(start, end), timed out + retried
+      remote, cache_dir     -> whole shard downloaded once (tmp file + os.replace) -> pread
+
+One ShardReader per DataLoader worker: it holds file descriptors and a small
+thread pool, so the loader creates it inside the worker and nothing is opened
+before the first read. Every failure is a ShardReadError whose message names
+the shard, the byte range and the worker, because a bad shard among thousands
+is otherwise hard to find.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import get_worker_info
+
+from mmdata import storage
+from mmdata.config import require
+
+MAX_OPEN_FILES = 64
+POOL_THREADS = 4
+MERGE_GAP = 64 * 1024          # members of one sample sit a tar header apart: one request beats several
+DOWNLOAD_CHUNK = 8 * 1024 * 1024
+CACHE_TRIES = 3                # a cached shard evicted by another worker this often means cache_bytes is too small
+
+
+@dataclass
+class ReadConfig:
+    cache_dir: str | None = None   # local folder for whole-shard copies of remote shards; None: range reads
+    cache_bytes: int = 0           # bound on the cache folder's size (LRU eviction); required when cache_dir is set
+    timeout_s: float = 60.0        # one read (or one shard download) taking longer than this is a stall
+    retries: int = 3               # attempts after the first, with exponential backoff
+    backoff_s: float = 0.5
+    storage_options: dict = field(default_factory=dict)   # fsspec options: endpoint_url, key, secret...
+
+    def validate(self) -> None:
+        require(self.cache_bytes >= 0, "cache_bytes", f"must be >= 0; got {self.cache_bytes}")
+        if self.cache_dir:
+            require(self.cache_bytes > 0, "cache_bytes", "must be positive when cache_dir is set: it bounds the cache")
+            require(storage.is_local(self.cache_dir), "cache_dir", f"must be a local folder; got {self.cache_dir}")
+        require(self.timeout_s > 0, "timeout_s", f"must be positive; got {self.timeout_s}")
+        require(self.retries >= 0, "retries", f"must be >= 0; got {self.retries}")
+        require(self.backoff_s >= 0, "backoff_s", f"must be >= 0; got {self.backoff_s}")
+
+
+class ShardReadError(Exception):
+    """A shard that cannot be read: the message names the shard URL, the byte range and the DataLoader worker."""
+
+
+class _Stalled(Exception):
+    """One attempt outlived timeout_s."""
+
+
+def worker_name() -> str:
+    info = get_worker_info()
+    return "main process" if info is None else f"DataLoader worker {info.id}"
+
+
+def merge_ranges(ranges: list[tuple[int, int]], gap: int = MERGE_GAP) -> list[tuple[int, int, list[int]]]:
+    """``(start, end, indices)`` spans covering the non-empty ranges; each remote request has a latency
+    far above the cost of a few extra bytes, so ranges closer than ``gap`` share one request."""
+    spans: list[list] = []
+    for i in sorted(range(len(ranges)), key=lambda i: ranges[i][0]):
+        offset, size = ranges[i]
+        if size == 0:
+            continue
+        if spans and offset <= spans[-1][1] + gap:
+            spans[-1][1] = max(spans[-1][1], offset + size)
+            spans[-1][2].append(i)
+        else:
+            spans.append([offset, offset + size, [i]])
+    return [(start, end, indices) for start, end, indices in spans]
+
+
+def cache_name(url: str) -> str:
+    """Unique per URL (shards of different datasets share names), still readable when debugging."""
+    return hashlib.sha1(url.encode()).hexdigest()[:16] + "-" + url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def touch(path: Path) -> None:
+    """Mark a cached shard as just used. time_ns, not the kernel's coarse file clock, keeps LRU order exact."""
+    now = time.time_ns()
+    try:
+        os.utime(path, ns=(now, now))
+    except FileNotFoundError:  # evicted by another worker meanwhile; our open fd still reads it
+        pass
+
+
+class ShardReader:
+    """Reads byte ranges of shards; one per DataLoader worker (not shared across processes)."""
+
+    def __init__(self, config: ReadConfig):
+        config.validate()
+        self.config = config
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._pool: futures.ThreadPoolExecutor | None = None
+
+    def read(self, url: str, ranges: list[tuple[int, int]], shard_bytes: int | None = None) -> list[bytes]:
+        """Bytes of each (offset, size) range of the shard at url. shard_bytes (from dataset.json) lets it
+        detect truncated shards and verify cached downloads."""
+        if shard_bytes is not None:
+            for offset, size in ranges:
+                if offset + size > shard_bytes:
+                    raise ShardReadError(f"shard {url}: byte range [{offset}, {offset + size}) lies beyond its "
+                                         f"{shard_bytes} bytes in dataset.json; the index does not match the "
+                                         f"shard ({worker_name()})")
+        if storage.is_local(url):
+            fd = self._local_fd(url, shard_bytes)
+            return [pread(fd, url, offset, size) for offset, size in ranges]
+        if self.config.cache_dir:
+            return self._read_cached(url, ranges, shard_bytes)
+        return self._read_remote(url, ranges)
+
+    def close(self) -> None:
+        """Release file descriptors and the thread pool; a later read opens them again."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+        self._discard_pool()
+
+    # -- local files and cached copies
+
+    def _local_fd(self, url: str, shard_bytes: int | None) -> int:
+        """An open fd for a local shard. Kept open because opening per sample is slow on network filesystems."""
+        fd = self._fds.get(url)
+        if fd is not None:
+            self._fds.move_to_end(url)
+            return fd
+        fd = self._fds[url] = open_shard(url, storage.local_path(url), shard_bytes)
+        if len(self._fds) > MAX_OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _read_cached(self, url: str, ranges: list[tuple[int, int]], shard_bytes: int | None) -> list[bytes]:
+        """Serve from the local copy, downloading it first. Opened per read, not kept: an fd held on a shard
+        that another worker evicted would keep its disk space in use beyond cache_bytes."""
+        path = storage.local_path(self.config.cache_dir) / cache_name(url)
+        for _ in range(CACHE_TRIES):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._download(url, path, shard_bytes)
+                continue
+            try:
+                if shard_bytes is not None and os.fstat(fd).st_size != shard_bytes:
+                    self._download(url, path, shard_bytes)   # a stale copy: replace it
+                    continue
+                touch(path)
+                return [pread(fd, url, offset, size) for offset, size in ranges]
+            finally:
+                os.close(fd)
+        raise ShardReadError(f"shard {url} was evicted from {self.config.cache_dir} {CACHE_TRIES} times before "
+                             f"it could be read: other workers need the room; raise loader.read.cache_bytes "
+                             f"({worker_name()})")
+
+    def _download(self, url: str, dest: Path, shard_bytes: int | None) -> None:
+        fs, path = storage.filesystem(url, self.config.storage_options)
+        size = shard_bytes if shard_bytes is not None else self._retrying(url, "size", lambda _: fs.size(path))
+        if size > self.config.cache_bytes:
+            raise ShardReadError(f"shard {url} is {size} bytes, more than read.cache_bytes="
+                                 f"{self.config.cache_bytes}: it cannot be cached; raise loader.read.cache_bytes "
+                                 f"or unset loader.read.cache_dir ({worker_name()})")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        make_room(dest.parent, size, self.config.cache_bytes)
+        self._retrying(url, f"download of the whole shard ({size} bytes)",
+                       lambda cancel: download(fs, path, dest, size, cancel))
+
+    # -- remote range reads
+
+    def _read_remote(self, url: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        fs, path = storage.filesystem(url, self.config.storage_options)
+        out = [b""] * len(ranges)
+        for start, end, indices in merge_ranges(ranges):
+            data = self._retrying(url, f"byte range [{start}, {end})",
+                                  lambda _, s=start, e=end: fetch_range(fs, path, url, s, e))
+            if len(data) != end - start:
+                raise ShardReadError(f"shard {url} is truncated: byte range [{start}, {end}) returned "
+                                     f"{len(data)} bytes, expected at least {end} bytes in the shard "
+                                     f"({worker_name()})")
+            for i in indices:
+                offset, size = ranges[i]
+                out[i] = data[offset - start: offset - start + size]
+        return out
+
+    def _retrying(self, url: str, what: str, fn):
+        """fn(cancel_event) with a timeout per attempt and exponential backoff between attempts.
+        A missing object is final; anything else (throttling, resets, stalls) is worth another try."""
+        attempts = self.config.retries + 1
+        last = ""
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.config.backoff_s * 2 ** (attempt - 1))
+            try:
+                return self._attempt(fn)
+            except FileNotFoundError:
+                raise ShardReadError(f"shard {url} does not exist ({what}; {worker_name()})") from None
+            except ShardReadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every storage error is retried, then reported
+                last = str(e) if isinstance(e, _Stalled) else f"{type(e).__name__}: {e}"
+        raise ShardReadError(f"shard {url}: {what} failed after {attempts} attempts ({worker_name()}); "
+                             f"last error: {last}")
+
+    def _attempt(self, fn):
+        """One try in the pool, so that a hung connection costs timeout_s instead of the whole job."""
+        cancel = threading.Event()
+        future = self._executor().submit(fn, cancel)
+        done, _ = futures.wait([future], timeout=self.config.timeout_s)
+        if not done:
+            cancel.set()
+            self._discard_pool()
+            raise _Stalled(f"timeout: stalled for more than {self.config.timeout_s:g} s")
+        return future.result()
+
+    def _executor(self) -> futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = futures.ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="mmdata-read")
+        return self._pool
+
+    def _discard_pool(self) -> None:
+        """Drop the pool without waiting: a stalled thread keeps its slot until its call returns,
+        and later attempts must not queue behind it (they would time out without having started)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def open_shard(url: str, path: Path, shard_bytes: int | None) -> int:
+    """A read-only fd, checked against dataset.json's size: a shard of another size was cut short or
+    rewritten, and its index offsets are wrong."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ShardReadError(f"shard {url} does not exist ({path}; {worker_name()})") from None
+    except OSError as e:
+        raise ShardReadError(f"shard {url} cannot be opened: {e} ({worker_name()})") from None
+    actual = os.fstat(fd).st_size
+    if shard_bytes is None or actual == shard_bytes:
+        return fd
+    os.close(fd)
+    what = "is truncated" if actual < shard_bytes else "does not match dataset.json"
+    raise ShardReadError(f"shard {url} {what}: it has {actual} bytes, expected {shard_bytes} bytes ({worker_name()})")
+
+
+def pread(fd: int, url: str, offset: int, size: int) -> bytes:
+    try:
+        data = os.pread(fd, size, offset)
+    except OSError as e:
+        raise ShardReadError(f"shard {url}: reading byte range [{offset}, {offset + size}) failed: {e} "
+                             f"({worker_name()})") from None
+    if len(data) != size:
+        raise ShardReadError(f"shard {url} is truncated: it has {os.fstat(fd).st_size} bytes, expected at "
+                             f"least {offset + size} bytes for byte range [{offset}, {offset + size}) "
+                             f"({worker_name()})")
+    return data
+
+
+def fetch_range(fs, path: str, url: str, start: int, end: int) -> bytes:
+    """cat_file, except that a range starting past the object's end (HTTP 416, which fsspec stores
+    report as EINVAL) is a truncated shard, not something to retry."""
+    try:
+        return fs.cat_file(path, start=start, end=end)
+    except OSError as e:
+        if e.errno != errno.EINVAL or "range" not in str(e).lower():
+            raise
+        raise ShardReadError(f"shard {url} is truncated: byte range [{start}, {end}) is not satisfiable ({e}), "
+                             f"expected at least {end} bytes in the shard ({worker_name()})") from None
+
+
+def download(fs, path: str, dest: Path, size: int, cancel: threading.Event) -> None:
+    """Copy a whole object to ``dest`` through a temporary file: a partial download never has the final name."""
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        written = 0
+        with fs.open(path, "rb") as src, open(tmp, "wb") as out:
+            while chunk := src.read(DOWNLOAD_CHUNK):
+                if cancel.is_set():   # the reader gave up on this attempt
+                    return
+                out.write(chunk)
+                written += len(chunk)
+        if written != size:
+            raise OSError(f"downloaded {written} bytes, expected {size}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def make_room(folder: Path, needed: int, cache_bytes: int) -> None:
+    """Evict least recently used shards until ``needed`` more bytes fit. Other workers share the folder
+    and evict too, so files may vanish at any point; their partial downloads (dot files) are left alone."""
+    entries = []
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((st.st_mtime_ns, entry.name, st.st_size))
+    total = sum(size for _, _, size in entries)
+    for _, name, size in sorted(entries):
+        if total + needed <= cache_bytes:
+            break
+        (folder / name).unlink(missing_ok=True)
+        total -= size

@@ -1,0 +1,220 @@
+"""The loader: every sample once per epoch across ranks and workers, deterministic, exactly resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import batch_ids, loader_config
+from mmdata.config import ConfigError
+from mmdata.loader import LoaderError, MultimodalLoader
+
+
+def all_ids(dataset) -> set[str]:
+    from mmdata.catalog import load_catalog
+    return set(load_catalog(dataset).ids.to_pylist())
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 2)])
+def test_every_sample_once_per_epoch_across_ranks_and_workers(demo_dataset, world, workers):
+    loaders = [MultimodalLoader(loader_config(demo_dataset, num_workers=workers), rank=r, world_size=world)
+               for r in range(world)]
+    seen = [i for loader in loaders for b in batch_ids(loader) for i in b]
+    assert len({len(loader) for loader in loaders}) == 1           # equal batch counts: nobody hangs
+    assert len(seen) == len(set(seen))                               # no sample twice
+    assert len(seen) == (48 // (4 * world)) * 4 * world              # only the partial global batch is dropped
+    assert set(seen) <= all_ids(demo_dataset)
+
+
+def test_pad_remainder_gives_every_sample_and_marks_the_padding(demo_dataset):
+    loaders = [MultimodalLoader(loader_config(demo_dataset, remainder="pad", batch_size=5), rank=r, world_size=2)
+               for r in range(2)]
+    real, pads = [], 0
+    for loader in loaders:
+        for batch in loader:
+            real += [i for i, p in zip(batch["ids"], batch["is_pad"].tolist()) if not p]
+            pads += int(batch["is_pad"].sum())
+    assert sorted(real) == sorted(all_ids(demo_dataset)) and pads == 2 * 5 * 5 - 48
+
+
+def test_order_is_a_function_of_seed_and_epoch(demo_dataset):
+    first = batch_ids(MultimodalLoader(loader_config(demo_dataset)))
+    assert batch_ids(MultimodalLoader(loader_config(demo_dataset))) == first
+    assert batch_ids(MultimodalLoader(loader_config(demo_dataset, seed=1))) != first
+    two_epochs = MultimodalLoader(loader_config(demo_dataset))
+    assert batch_ids(two_epochs) == first and batch_ids(two_epochs) != first
+    ordered = [i for b in batch_ids(MultimodalLoader(loader_config(demo_dataset, shuffle=False))) for i in b]
+    from mmdata.catalog import load_catalog
+    assert ordered == load_catalog(demo_dataset).ids.to_pylist()[: len(ordered)]
+
+
+def test_worker_count_does_not_change_the_batches(demo_dataset):
+    base = batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=0)))
+    assert batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=3))) == base
+
+
+def assert_same_batch(a: dict, b: dict) -> None:
+    assert a["ids"] == b["ids"]
+    for key in ("tokens", "tokens_mask", "image", "mel", "mel_mask", "label", "has_text", "has_image", "has_audio"):
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 5])
+def test_exact_resume_yields_the_same_next_batches(demo_dataset, stop_after):
+    config = loader_config(demo_dataset, num_workers=2, augment={"image_flip": True, "mel_time_masks": 1})
+    reference = list(MultimodalLoader(config, rank=1, world_size=2))
+    loader = MultimodalLoader(config, rank=1, world_size=2)
+    for i, batch in enumerate(loader):
+        if i + 1 == stop_after:
+            break
+    state = json.loads(json.dumps(loader.state_dict()))  # states are plain JSON
+    resumed = MultimodalLoader(config, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(reference) - stop_after
+    for a, b in zip(rest, reference[stop_after:]):
+        assert_same_batch(a, b)
+
+
+def test_resume_continues_into_the_next_epochs(demo_dataset):
+    config = loader_config(demo_dataset)
+    reference = MultimodalLoader(config)
+    epochs = [batch_ids(reference), batch_ids(reference)]
+    loader = MultimodalLoader(config)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    resumed = MultimodalLoader(config)
+    resumed.load_state_dict(state)
+    assert batch_ids(resumed) == epochs[0][2:]
+    assert batch_ids(resumed) == epochs[1]
+
+
+@pytest.mark.parametrize("new_world, new_batch", [(3, 4), (1, 4), (2, 3)])
+def test_elastic_resume_yields_each_remaining_sample_once(demo_dataset, new_world, new_batch):
+    old = [MultimodalLoader(loader_config(demo_dataset), rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for loader in old:
+        for i, batch in enumerate(loader):
+            seen += batch["ids"]
+            if i == 2:
+                break
+    state = old[0].state_dict()
+    assert {k: v for k, v in state.items() if k != "source_counts"} == \
+        {k: v for k, v in old[1].state_dict().items() if k != "source_counts"}  # ranks agree
+    new = [MultimodalLoader(loader_config(demo_dataset, batch_size=new_batch), rank=r, world_size=new_world)
+           for r in range(new_world)]
+    for loader in new:
+        loader.load_state_dict(state)
+    assert len({len(loader) for loader in new}) == 1
+    rest = [i for loader in new for b in batch_ids(loader) for i in b]
+    assert not set(rest) & set(seen)
+    assert len(rest) == len(set(rest))
+    remaining = 48 - len(seen)
+    assert len(rest) == remaining - remaining % (new_batch * new_world)
+
+
+def test_mixing_follows_the_weights_and_counts_sources(demo_dataset, tmp_path):
+    other = tmp_path / "copy"
+    shutil.copytree(demo_dataset, other)
+    description = json.loads((other / "dataset.json").read_text())
+    description["fingerprint"] = "other"
+    (other / "dataset.json").write_text(json.dumps(description))
+    config = loader_config(demo_dataset, samples_per_epoch=2000, batch_size=20, modalities=["text"])
+    config.datasets[0].weight = 0.7
+    from mmdata.loader import DatasetSource
+    config.datasets.append(DatasetSource(str(other), 0.3))
+    loader = MultimodalLoader(config)
+    for batch in loader:
+        assert set(batch["source"].tolist()) <= {0, 1}
+    share = loader.source_counts[0] / sum(loader.source_counts)
+    assert sum(loader.source_counts) == 2000 and abs(share - 0.7) < 0.04
+    assert loader.state_dict()["source_counts"] == loader.source_counts
+    again = MultimodalLoader(config)
+    assert batch_ids(again) == batch_ids(MultimodalLoader(config))
+
+
+def test_modality_selection_reads_only_those_members(demo_dataset, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_dataset, copy)
+    from mmdata.catalog import load_catalog
+    catalog = load_catalog(str(copy))
+    shard = copy / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    for row in range(5):  # garble every image of the first shard
+        off, size = catalog.offsets["jpg"][row], catalog.sizes["jpg"][row]
+        if off >= 0:
+            data[off: off + size] = b"\xff" * size
+    shard.unlink()
+    shard.write_bytes(bytes(data))
+    text_only = loader_config(str(copy), modalities=["text", "audio"], shuffle=False)
+    batches = list(MultimodalLoader(text_only))
+    assert not any(b["has_image"].any() for b in batches)
+    with pytest.raises(LoaderError, match=r"shard-000000.tar sample '[^']+'.*jpg"):
+        list(MultimodalLoader(loader_config(str(copy), shuffle=False)))
+    skipping = list(MultimodalLoader(loader_config(str(copy), shuffle=False, on_error="skip")))
+    skipped = [s for b in skipping for s in b["skipped"]]
+    assert len(skipped) == int((catalog.offsets["jpg"][:5] >= 0).sum()) and "shard-000000.tar" in skipped[0]
+
+
+def test_truncated_shard_is_named(demo_dataset, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_dataset, copy)
+    shard = copy / "shard-000003.tar"
+    data = shard.read_bytes()
+    shard.unlink()
+    shard.write_bytes(data[:2000])
+    with pytest.raises(LoaderError, match="shard-000003.tar.*truncated"):
+        list(MultimodalLoader(loader_config(str(copy), shuffle=False)))
+
+
+@pytest.mark.parametrize("overrides, world, key, words", [
+    ({"batch_size": 30}, 2, "loader.batch_size", "more than the 48 samples"),
+    ({"num_workers": 9, "batch_size": 8}, 1, "loader.num_workers", "use at most 6"),
+    ({"read": {"cache_dir": "/tmp/x", "cache_bytes": 1000}}, 1, "loader.read.cache_bytes", "thrash"),
+])
+def test_preflight_rejects_plans_that_would_hang_starve_or_thrash(demo_dataset, overrides, world, key, words):
+    with pytest.raises(ConfigError) as info:
+        MultimodalLoader(loader_config(demo_dataset, **overrides), rank=0, world_size=world)
+    assert info.value.key == key and words in str(info.value)
+
+
+def test_length_bucketing_cuts_padding_and_keeps_every_sample(demo_dataset):
+    def padding(loader):
+        total = 0
+        for batch in loader:
+            total += int((~batch["tokens_mask"]).sum())
+        return total
+    plain = MultimodalLoader(loader_config(demo_dataset, modalities=["text"]))
+    bucketed = MultimodalLoader(loader_config(demo_dataset, modalities=["text"], bucket_by="tokens",
+                                              bucket_batches=4))
+    assert padding(bucketed) < padding(plain)
+    ids = [i for b in batch_ids(bucketed) for i in b]
+    assert len(ids) == len(set(ids)) == len(plain) * 4
+
+
+def test_batches_have_tensors_and_presence_masks(demo_dataset):
+    batch = next(iter(MultimodalLoader(loader_config(demo_dataset, batch_size=8))))
+    assert batch["tokens"].dtype == torch.int64 and batch["tokens"].shape == batch["tokens_mask"].shape
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 32, 32)
+    assert batch["mel"].shape[:2] == (8, 32) and batch["mel_mask"].shape == (8, batch["mel"].shape[2])
+    assert batch["label"].shape == (8,) and len(batch["ids"]) == 8
+    for m in ("text", "image", "audio"):
+        assert batch[f"has_{m}"].dtype == torch.bool
+    missing = ~batch["has_audio"]
+    assert not batch["mel_mask"][missing].any()
+
+
+def test_eval_split_is_disjoint_and_stable(demo_dataset):
+    train = MultimodalLoader(loader_config(demo_dataset, split="train", eval_fraction=0.25, batch_size=2,
+                                           remainder="pad"))
+    held = MultimodalLoader(loader_config(demo_dataset, split="eval", eval_fraction=0.25, batch_size=2,
+                                          remainder="pad"))
+    a = {i for b in batch_ids(train) for i in b}
+    b = {i for b in batch_ids(held) for i in b}
+    assert not a & b and len(a | b) == 48 and 4 <= len(b) <= 20

@@ -1,0 +1,251 @@
+"""The shard reader: local pread, remote range reads with retries and timeouts, and the local shard cache."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from mmdata.config import ConfigError
+from mmdata.reader import ReadConfig, ShardReader, ShardReadError, cache_name, merge_ranges
+
+DATA = bytes(range(256)) * 4   # 1024 bytes, every offset distinguishable
+
+
+def fast(**kw) -> ReadConfig:
+    return ReadConfig(**{"backoff_s": 0.01, "timeout_s": 5.0, **kw})
+
+
+@pytest.fixture
+def memory_url():
+    """A fresh ``memory://`` folder; make(name, data) puts a shard there and returns its URL."""
+    fs = fsspec.filesystem("memory")
+    root = f"memory://reader-{uuid.uuid4().hex}"
+
+    def make(name: str, data: bytes = DATA) -> str:
+        fs.pipe(f"{root}/{name}", data)
+        return f"{root}/{name}"
+    yield make
+    fs.rm(root, recursive=True)
+
+
+def count_calls(monkeypatch, name: str) -> list:
+    """Wrap a MemoryFileSystem method so the test can see how often storage was asked."""
+    calls, original = [], getattr(MemoryFileSystem, name)
+
+    def wrapper(self, *args, **kwargs):
+        calls.append(args)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(MemoryFileSystem, name, wrapper)
+    return calls
+
+
+# -- config and plumbing
+
+def test_cache_dir_needs_cache_bytes(tmp_path):
+    with pytest.raises(ConfigError, match="cache_bytes"):
+        ReadConfig(cache_dir=str(tmp_path)).validate()
+    with pytest.raises(ConfigError, match="timeout_s"):
+        ReadConfig(timeout_s=0).validate()
+
+
+def test_reader_opens_nothing_until_used_so_it_pickles():
+    reader = ShardReader(ReadConfig())
+    assert pickle.loads(pickle.dumps(reader)).config == reader.config
+
+
+def test_merge_ranges_joins_nearby_and_overlapping_ranges():
+    assert merge_ranges([(100, 10), (0, 10), (5, 10), (50, 0)], gap=0) == [(0, 15, [1, 2]), (100, 110, [0])]
+    assert merge_ranges([(0, 10), (20, 10)], gap=10) == [(0, 30, [0, 1])]
+
+
+# -- local files
+
+def test_local_ranges_read_back_exactly(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    path.write_bytes(DATA)
+    reader = ShardReader(ReadConfig())
+    ranges = [(0, 10), (1000, 24), (300, 0), (5, 700)]
+    expected = [DATA[o:o + s] for o, s in ranges]
+    assert reader.read(str(path), ranges, len(DATA)) == expected
+    assert reader.read(f"file://{path}", ranges) == expected
+    reader.close()
+    assert reader.read(str(path), ranges) == expected   # usable again after close
+
+
+def test_local_keeps_a_bounded_number_of_files_open(tmp_path):
+    reader = ShardReader(ReadConfig())
+    for i in range(70):
+        (tmp_path / f"{i}.tar").write_bytes(DATA)
+        assert reader.read(str(tmp_path / f"{i}.tar"), [(i, 1)]) == [DATA[i:i + 1]]
+    assert len(reader._fds) == 64
+    reader.close()
+    assert not reader._fds
+
+
+def test_truncated_local_shard_names_the_path(tmp_path):
+    path = tmp_path / "shard-000001.tar"
+    path.write_bytes(DATA[:100])
+    reader = ShardReader(ReadConfig())
+    with pytest.raises(ShardReadError, match="truncated") as e:
+        reader.read(str(path), [(90, 20)])
+    assert str(path) in str(e.value) and "at least 110 bytes" in str(e.value)
+    with pytest.raises(ShardReadError, match="truncated"):   # dataset.json's size exposes it even in bounds
+        ShardReader(ReadConfig()).read(str(path), [(0, 10)], shard_bytes=len(DATA))
+
+
+def test_missing_local_shard_names_it(tmp_path):
+    path = tmp_path / "shard-000404.tar"
+    with pytest.raises(ShardReadError, match="does not exist") as e:
+        ShardReader(ReadConfig()).read(str(path), [(0, 1)])
+    assert str(path) in str(e.value) and "main process" in str(e.value)
+
+
+# -- remote range reads
+
+def test_remote_retries_then_succeeds(monkeypatch, memory_url):
+    url = memory_url("shard-000000.tar")
+    original, calls = MemoryFileSystem.cat_file, []
+
+    def flaky(self, path, start=None, end=None, **kw):
+        calls.append((start, end))
+        if len(calls) <= 2:
+            raise ConnectionResetError("connection reset by peer")
+        return original(self, path, start=start, end=end, **kw)
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", flaky)
+    reader = ShardReader(fast(retries=3))
+    assert reader.read(url, [(10, 20), (40, 5)], len(DATA)) == [DATA[10:30], DATA[40:45]]
+    assert calls == [(10, 45)] * 3   # nearby ranges share one request
+    reader.close()
+
+
+def test_remote_gives_up_naming_url_range_and_attempts(monkeypatch, memory_url):
+    url = memory_url("shard-000002.tar")
+
+    def broken(self, path, start=None, end=None, **kw):
+        raise OSError("503 SlowDown")
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", broken)
+    with pytest.raises(ShardReadError) as e:
+        ShardReader(fast(retries=3)).read(url, [(10, 20)])
+    message = str(e.value)
+    assert url in message and "[10, 30)" in message and "4 attempts" in message
+    assert "503 SlowDown" in message and "main process" in message
+
+
+def test_remote_stall_is_reported_as_a_timeout(monkeypatch, memory_url):
+    url = memory_url("shard-000003.tar")
+    release = threading.Event()
+
+    def hang(self, path, start=None, end=None, **kw):
+        release.wait(10)
+        return b""
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", hang)
+    begin = time.monotonic()
+    try:
+        with pytest.raises(ShardReadError) as e:
+            ShardReader(fast(timeout_s=0.2, retries=2)).read(url, [(0, 8)])
+    finally:
+        release.set()
+    assert time.monotonic() - begin < 2
+    assert "timeout" in str(e.value) and "stalled" in str(e.value) and "3 attempts" in str(e.value)
+
+
+def test_remote_missing_and_truncated_are_not_retried(monkeypatch, memory_url):
+    calls = count_calls(monkeypatch, "cat_file")
+    with pytest.raises(ShardReadError, match="does not exist"):
+        ShardReader(fast()).read(memory_url("x.tar").replace("x.tar", "gone.tar"), [(0, 4)])
+    with pytest.raises(ShardReadError, match="truncated"):
+        ShardReader(fast()).read(memory_url("short.tar", DATA[:100]), [(90, 20)])
+    assert len(calls) == 2
+
+
+# -- the local cache of remote shards
+
+def test_cache_downloads_once_then_reads_locally(monkeypatch, memory_url, tmp_path):
+    url = memory_url("shard-000000.tar")
+    cats, opens = count_calls(monkeypatch, "cat_file"), count_calls(monkeypatch, "_open")
+    reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000))
+    assert reader.read(url, [(3, 7)], len(DATA)) == [DATA[3:10]]
+    assert [p.name for p in tmp_path.iterdir()] == [cache_name(url)]
+    used = len(cats) + len(opens)
+    assert reader.read(url, [(500, 100), (0, 1)], len(DATA)) == [DATA[500:600], DATA[:1]]
+    assert len(cats) + len(opens) == used
+
+
+def test_cache_evicts_least_recently_used(memory_url, tmp_path):
+    a, b, c = (memory_url(f"{n}.tar") for n in "abc")
+    reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=2 * len(DATA) + 100))
+    for url in (a, b, a, c):     # b is the least recently used when c arrives
+        assert reader.read(url, [(0, 4)], len(DATA)) == [DATA[:4]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache_name(a), cache_name(c)])
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= reader.config.cache_bytes
+
+
+def test_cache_discards_a_download_of_the_wrong_size(memory_url, tmp_path):
+    url = memory_url("shard-000005.tar", DATA[:1000])
+    with pytest.raises(ShardReadError, match="downloaded 1000 bytes, expected 1024") as e:
+        ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000, retries=1)).read(url, [(0, 4)], len(DATA))
+    assert "2 attempts" in str(e.value)
+    assert list(tmp_path.iterdir()) == []   # neither the final name nor a leftover temporary file
+
+
+def test_cache_refuses_a_shard_bigger_than_cache_bytes(memory_url, tmp_path):
+    url = memory_url("shard-000006.tar")
+    with pytest.raises(ShardReadError, match="cache_bytes") as e:
+        ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=512)).read(url, [(0, 4)])
+    assert url in str(e.value) and "1024 bytes" in str(e.value)
+
+
+# -- a real S3-compatible server
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.terminate()
+                pytest.fail("moto server did not start")
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_s3_range_reads_with_and_without_cache(s3_endpoint, tmp_path):
+    import boto3
+    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket="mm-reader")
+    client.put_object(Bucket="mm-reader", Key="d/shard-000000.tar", Body=DATA)
+    url = "s3://mm-reader/d/shard-000000.tar"
+    options = {"endpoint_url": s3_endpoint, "key": "k", "secret": "s"}
+    ranges = [(0, 10), (1000, 24), (200, 300), (5000 % 1024, 1)]
+    expected = [DATA[o:o + s] for o, s in ranges]
+    for config in (fast(storage_options=options),
+                   fast(storage_options=options, cache_dir=str(tmp_path), cache_bytes=10_000)):
+        reader = ShardReader(config)
+        assert reader.read(url, ranges, len(DATA)) == expected
+        assert reader.read(url, ranges) == expected
+        reader.close()
+    assert os.listdir(tmp_path) == [cache_name(url)]
+    with pytest.raises(ShardReadError, match="does not exist"):
+        ShardReader(fast(storage_options=options)).read(url.replace("000000", "000404"), [(0, 1)])
