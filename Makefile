@@ -37,7 +37,7 @@ bench-loader: $(STAMP) data/demo/manifest.jsonl
 	$(PY) benchmarks/bench_loader.py $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m compileall -q mmdata mmtrain tests
+	$(PY) -m pyflakes mmdata mmtrain tests benchmarks
 	! grep -rn "import mmtrain\|from mmtrain" mmdata
 
 clean:

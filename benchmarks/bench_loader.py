@@ -10,7 +10,6 @@ decode/collate code and the same number of DataLoader workers, in this run.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import tarfile
 import tempfile

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmdata.catalog import Catalog, load_catalog, split_mask
-from mmdata.config import ConfigError, require, require_choice
+from mmdata.config import require, require_choice
 from mmdata.decode import MODALITY_MEMBERS, AugmentConfig, DecodeError, collate, decode_sample
 from mmdata.order import (Layout, Source, batches_in_plan, epoch_plan, mixed_order, plan_length,
                           rank_batch, worker_batches)

@@ -26,7 +26,7 @@ from mmdata import storage
 from mmdata.audio import AudioConfig
 from mmdata.config import ConfigError, require, require_choice, to_dict
 from mmdata.image import ImageConfig
-from mmdata.process import Job, is_int_like, run_partition
+from mmdata.process import Job, is_int_like
 from mmdata.schema import DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, INDEX_DIR, TOKENIZER_FILE
 from mmdata.sources import InputConfig, Record, check_readable, iter_records
 from mmdata.text import TextConfig, check_text, load_tokenizer, train_tokenizer

@@ -21,7 +21,7 @@ from typing import Any
 from mmdata import storage
 from mmdata.audio import encode_audio
 from mmdata.image import encode_image
-from mmdata.schema import ERRORS_JSONL, INDEX_DIR, JSON, LABEL, SampleError, make_key
+from mmdata.schema import ERRORS_JSONL, JSON, LABEL, SampleError, make_key
 from mmdata.sources import Record
 from mmdata.text import encode_text, load_tokenizer
 

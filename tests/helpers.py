@@ -45,3 +45,19 @@ def loader_config(*datasets: str, **overrides):
 
 def batch_ids(loader) -> list[list[str]]:
     return [list(batch["ids"]) for batch in loader]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_bucket(options: dict, name: str):
+    """Create bucket ``name`` on the test S3 server; returns a boto3 client."""
+    import boto3
+    client = boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id=options["key"],
+                          aws_secret_access_key=options["secret"], region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return client

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import batch_ids, loader_config
+from helpers import batch_ids, free_port, loader_config, make_bucket
 from mmdata.loader import MultimodalLoader
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_gloo_ranks_get_equal_disjoint_batches_and_resume(demo_dataset, tmp_path):
@@ -39,28 +32,9 @@ def test_torchrun_gloo_ranks_get_equal_disjoint_batches_and_resume(demo_dataset,
     assert len({len(r["ids"]) for r in ranks}) == 1 and ranks[0]["counts"] == [15, 15, 15]
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"}
-    server.terminate()
-    server.wait(timeout=30)
-
-
 def test_streams_from_s3_with_and_without_a_cache(demo_dataset, s3, tmp_path):
-    import boto3
     import s3fs
-    boto3.client("s3", endpoint_url=s3["endpoint_url"], aws_access_key_id="k", aws_secret_access_key="s",
-                 region_name="us-east-1").create_bucket(Bucket="mm-loader")
+    make_bucket(s3, "mm-loader")
     s3fs.S3FileSystem(**s3).put(demo_dataset, "mm-loader/ds", recursive=True)
     local = batch_ids(MultimodalLoader(loader_config(demo_dataset)))
     streamed = loader_config("s3://mm-loader/ds", read={"storage_options": s3})

@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 
-from helpers import dataset_files, preprocess_config
+from helpers import dataset_files, make_bucket, preprocess_config
 from mmdata.pipeline import preprocess
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
-
-
-def test_s3_input_and_output(demo_dir, tmp_path, s3_endpoint):
-    import boto3
+def test_s3_input_and_output(demo_dir, tmp_path, s3):
     import s3fs
-    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="k", aws_secret_access_key="s",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket="mm-in")
-    client.create_bucket(Bucket="mm-out")
-    options = {"endpoint_url": s3_endpoint, "key": "k", "secret": "s"}
+    make_bucket(s3, "mm-in")
+    make_bucket(s3, "mm-out")
+    options = s3
     fs = s3fs.S3FileSystem(**options)
     fs.put(str(demo_dir), "mm-in/demo", recursive=True)
     storage = [f"input.storage_options={options}", f"output.storage_options={options}"]

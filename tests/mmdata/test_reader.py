@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -155,7 +152,7 @@ def test_remote_stall_is_reported_as_a_timeout(monkeypatch, memory_url):
             ShardReader(fast(timeout_s=0.2, retries=2)).read(url, [(0, 8)])
     finally:
         release.set()
-    assert time.monotonic() - begin < 2
+    assert time.monotonic() - begin < 9  # far less than one 10 s hang: the timeout fired, not the release
     assert "timeout" in str(e.value) and "stalled" in str(e.value) and "3 attempts" in str(e.value)
 
 
@@ -207,37 +204,13 @@ def test_cache_refuses_a_shard_bigger_than_cache_bytes(memory_url, tmp_path):
 
 # -- a real S3-compatible server
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.terminate()
-                pytest.fail("moto server did not start")
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=30)
-
-
 @pytest.mark.slow
-def test_s3_range_reads_with_and_without_cache(s3_endpoint, tmp_path):
-    import boto3
-    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="k", aws_secret_access_key="s",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket="mm-reader")
+def test_s3_range_reads_with_and_without_cache(s3, tmp_path):
+    from helpers import make_bucket
+    client = make_bucket(s3, "mm-reader")
     client.put_object(Bucket="mm-reader", Key="d/shard-000000.tar", Body=DATA)
     url = "s3://mm-reader/d/shard-000000.tar"
-    options = {"endpoint_url": s3_endpoint, "key": "k", "secret": "s"}
+    options = s3
     ranges = [(0, 10), (1000, 24), (200, 300), (5000 % 1024, 1)]
     expected = [DATA[o:o + s] for o, s in ranges]
     for config in (fast(storage_options=options),
