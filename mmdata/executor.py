@@ -41,7 +41,9 @@ def run_all(job: Job, partitions: Partitions, total_rows: int, config, phases: d
                 summaries.append(run_partition(job, k, records, duplicates))
                 done(summaries[-1])
         else:
-            init_ray(config.ray)
+            ray = init_ray(config.ray)
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            ray.get([ray.remote(warm_worker).options(num_cpus=1).remote() for _ in range(cpus)])
             phases["startup"] = time.perf_counter() - start
             summaries = run_on_ray(job, partitions, config.ray, done)
     finally:
@@ -54,6 +56,12 @@ def run_partition_on_node(job: Job, k: int, records: list[Record], duplicates: s
     """run_partition, plus which Ray node ran it (for the run summary)."""
     import ray
     return {**run_partition(job, k, records, duplicates), "node": ray.get_runtime_context().get_node_id()}
+
+
+def warm_worker() -> int:
+    """Import the processing stack (torch, torchaudio, Pillow...) so the first partition does not pay for it."""
+    import mmdata.process  # noqa: F401
+    return os.getpid()
 
 
 def ray_address(ray_config) -> str | None:

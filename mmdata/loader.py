@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmdata.catalog import Catalog, load_catalog, split_mask
-from mmdata.config import require, require_choice
+from mmdata.config import ConfigError, require, require_choice
 from mmdata.decode import MODALITY_MEMBERS, AugmentConfig, DecodeError, collate, decode_sample
 from mmdata.order import (Layout, Source, batches_in_plan, epoch_plan, mixed_order, plan_length,
                           rank_batch, worker_batches)
@@ -67,7 +67,6 @@ class LoaderConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
-        require(len(self.datasets) > 0, "datasets", "needs at least one dataset directory")
         for i, d in enumerate(self.datasets):
             require(d.weight > 0, f"datasets[{i}].weight", f"must be positive; got {d.weight}")
         require(len(self.modalities) > 0 and set(self.modalities) <= set(MODALITY_MEMBERS), "modalities",
@@ -213,6 +212,8 @@ class MultimodalLoader:
     """Batches of one rank. Iterate once per epoch; ``state_dict`` at any batch boundary."""
 
     def __init__(self, config: LoaderConfig, rank: int | None = None, world_size: int | None = None):
+        if not config.datasets:
+            raise ConfigError("loader.datasets", "needs at least one dataset directory")
         if rank is None or world_size is None:
             rank, world_size = distributed_rank_world()
         self.config, self.rank, self.world_size = config, rank, world_size

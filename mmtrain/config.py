@@ -1,0 +1,87 @@
+"""The experiment config: data (which shards, how to load them), model, optimiser, training loop.
+
+    # mmtrain train pipelines/train.yaml [key=value ...]
+    data:   preprocess config to build/reuse shards (or a dataset directory), loader settings
+    model:  ModelConfig (mmtrain/model.py)
+    optim:  AdamW + warmup/cosine
+    train:  steps, eval/checkpoint cadence, run_dir, device, precision
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmdata.config import require, require_choice
+from mmdata.loader import LoaderConfig
+from mmtrain.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    preprocess: str | None = None   # a preprocess YAML: its shards are built, or reused when they exist
+    preprocess_overrides: list[str] = field(default_factory=list)
+    dataset: str | None = None      # or an existing dataset directory (local path or URL)
+    eval_fraction: float = 0.1      # held-out split by a hash of the sample id
+    eval_batch_size: int = 128
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # its `datasets` is filled in from the above
+
+    def validate(self) -> None:
+        require((self.preprocess is None) != (self.dataset is None), "preprocess",
+                "give exactly one of data.preprocess or data.dataset")
+        require(0 < self.eval_fraction < 1, "eval_fraction", f"must be in (0, 1); got {self.eval_fraction}")
+        require(self.eval_batch_size > 0, "eval_batch_size", "must be positive")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05      # cosine decays to lr * this
+    clip_grad: float = 1.0          # 0 = off
+    grad_accum: int = 1
+
+    def validate(self) -> None:
+        require(self.lr > 0, "lr", f"must be positive; got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        require(self.clip_grad >= 0, "clip_grad", "must be >= 0")
+        require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/demo"      # checkpoints, metrics.jsonl, TensorBoard, plots; a rerun resumes here
+    steps: int = 300                # optimiser steps
+    loss: str = "both"              # contrastive | classify | both
+    classify_weight: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100           # 0 = only at the end
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    device: str = "auto"            # auto | cpu | cuda
+    precision: str = "auto"         # auto (bf16 autocast on CUDA) | fp32 | bf16
+    compile: bool = False           # torch.compile the model
+    fsdp: bool = False              # FSDP2 fully_shard instead of DDP (CUDA only)
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(self.steps > 0, "steps", f"must be positive; got {self.steps}")
+        require_choice(self.loss, "loss", ("contrastive", "classify", "both"))
+        require(self.log_every > 0, "log_every", "must be positive")
+        require(self.eval_every >= 0 and self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        require(self.keep_last >= 1, "keep_last", "must be at least 1")
+        require_choice(self.device, "device", ("auto", "cpu", "cuda"))
+        require_choice(self.precision, "precision", ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

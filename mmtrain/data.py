@@ -1,0 +1,65 @@
+"""Where training data comes from: build-or-reuse shards, facts the model needs, the two loaders."""
+
+from __future__ import annotations
+
+import copy
+
+from mmdata.config import ConfigError, load_config
+from mmdata.dataset import load_description
+from mmdata.loader import DatasetSource, MultimodalLoader
+from mmtrain.config import DataConfig, ExperimentConfig
+from mmtrain.distributed import Dist, broadcast_object
+
+
+def resolve_dataset(data: DataConfig, d: Dist) -> str:
+    """The dataset directory: given, or made by the preprocess config (rank 0 builds/reuses, others wait)."""
+    if data.dataset:
+        return data.dataset
+    path = None
+    if d.is_main:
+        from mmdata.pipeline import PreprocessConfig, preprocess
+        config = load_config(PreprocessConfig, data.preprocess, data.preprocess_overrides)
+        result = preprocess(config)
+        print(f"data: {'reused' if result.reused_dataset else 'built'} {result.dataset} "
+              f"({result.partitions_reused} shards reused, {result.partitions_built} built)")
+        path = result.dataset
+    return broadcast_object(d, path)
+
+
+def dataset_facts(dataset: str) -> dict:
+    """Sizes the model is built from: vocabulary, image size, mel bins, classes."""
+    description = load_description(dataset)
+    config = description["config"]
+    labels = description.get("labels")
+    if labels:
+        num_classes = len(labels)
+    else:
+        from mmdata.catalog import load_catalog
+        num_classes = int(load_catalog(dataset).label.max(initial=-1)) + 1
+    return {"vocab_size": description["tokenizer"]["vocab_size"], "image_size": config["image"]["size"],
+            "n_mels": config["audio"]["n_mels"], "num_classes": num_classes, "labels": labels}
+
+
+def loader_config(config: ExperimentConfig, dataset: str, split: str):
+    loader = copy.deepcopy(config.data.loader)
+    if loader.datasets:
+        raise ConfigError("data.loader.datasets", "is filled in from data.preprocess / data.dataset; leave it out")
+    loader.datasets = [DatasetSource(dataset)]
+    loader.split, loader.eval_fraction = split, config.data.eval_fraction
+    return loader
+
+
+def train_loader(config: ExperimentConfig, dataset: str, d: Dist) -> MultimodalLoader:
+    loader = loader_config(config, dataset, "train")
+    loader.seed = config.train.seed
+    return MultimodalLoader(loader, rank=d.rank, world_size=d.world_size)
+
+
+def eval_loader(config: ExperimentConfig, dataset: str) -> MultimodalLoader:
+    """The held-out split in dataset order, every sample once (padding marked), on one process."""
+    loader = loader_config(config, dataset, "eval")
+    loader.shuffle, loader.remainder, loader.batch_size = False, "pad", config.data.eval_batch_size
+    loader.augment = type(loader.augment)()
+    loader.num_workers, loader.persistent_workers = min(loader.num_workers, 1), False
+    loader.bucket_by = None
+    return MultimodalLoader(loader, rank=0, world_size=1)

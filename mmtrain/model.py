@@ -1,0 +1,196 @@
+"""The fusion model: one encoder per modality -> (tokens, mask, pooled) -> heads.
+
+    text  ids  [B, L]        -> embedding + Transformer           -> tokens [B, L, D]
+    image      [B, 3, H, W]  -> ViT patches (or a torchvision CNN) -> tokens [B, N, D]
+    audio mel  [B, M, T]     -> 2 strided convs + Transformer      -> tokens [B, T/4, D]
+    pooled (masked mean) -> projection -> L2-normalised embedding  (contrastive loss)
+    [CLS] + all tokens + modality embeddings -> fusion Transformer -> class logits
+
+A sample without a modality has that modality's presence flag False; its
+tokens are masked out of fusion and its embedding is excluded from every
+loss and metric. Encoders still run on the (zero) input so that every
+parameter gets a gradient on every rank, which DDP requires.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdata.config import require, require_choice
+
+MODALITIES = ("text", "image", "audio")
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 96                   # width of every encoder and of fusion
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    text_layers: int = 2
+    image_encoder: str = "vit"      # vit | cnn
+    image_layers: int = 2           # vit only
+    patch_size: int = 8             # vit only
+    cnn_arch: str = "resnet18"      # cnn only: a torchvision model name
+    image_weights: str | None = None  # local file with a state dict for the image encoder
+    audio_layers: int = 2
+    fusion_layers: int = 2
+    embed_dim: int = 96             # shared contrastive embedding space
+    temperature: float = 0.07       # initial; learned
+    max_positions: int = 1024
+
+    def validate(self) -> None:
+        require(self.dim > 0 and self.dim % self.heads == 0, "dim",
+                f"must be a positive multiple of heads ({self.heads}); got {self.dim}")
+        require_choice(self.image_encoder, "image_encoder", ("vit", "cnn"))
+        require(self.patch_size > 0, "patch_size", "must be positive")
+        require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        require(self.temperature > 0, "temperature", "must be positive")
+        for name in ("text_layers", "image_layers", "audio_layers", "fusion_layers"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+
+
+def transformer(config: ModelConfig, layers: int) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(config.dim, config.heads, int(config.dim * config.mlp_ratio),
+                                       config.dropout, activation="gelu", batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(x.dtype)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def computable(mask: torch.Tensor) -> torch.Tensor:
+    """Attention over a row with no valid key gives NaN; let absent rows attend to position 0."""
+    mask = mask.clone()
+    mask[:, 0] |= ~mask.any(1)
+    return mask
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, config.dim)
+        self.pos = nn.Parameter(torch.randn(config.max_positions, config.dim) * 0.02)
+        self.encoder = transformer(config, config.text_layers)
+        self.norm = nn.LayerNorm(config.dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor):
+        tokens = tokens[:, : self.pos.shape[0]]
+        mask = computable(mask[:, : self.pos.shape[0]])
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
+        return x, mask, masked_mean(x, mask)
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, config: ModelConfig, image_size: int):
+        super().__init__()
+        self.patch = nn.Conv2d(3, config.dim, config.patch_size, config.patch_size)
+        n = (image_size // config.patch_size) ** 2
+        self.pos = nn.Parameter(torch.randn(n, config.dim) * 0.02)
+        self.encoder = transformer(config, config.image_layers)
+        self.norm = nn.LayerNorm(config.dim)
+
+    def forward(self, image: torch.Tensor):
+        x = self.patch(image).flatten(2).transpose(1, 2)
+        x = self.norm(self.encoder(x + self.pos[: x.shape[1]]))
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return x, mask, x.mean(1)
+
+
+class CNNEncoder(nn.Module):
+    """A torchvision classification backbone without its head; its feature map becomes tokens."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        import torchvision
+        backbone = torchvision.models.get_model(config.cnn_arch, weights=None)
+        self.features = nn.Sequential(*list(backbone.children())[:-2])
+        with torch.no_grad():
+            channels = self.features(torch.zeros(1, 3, 64, 64)).shape[1]
+        self.proj = nn.Conv2d(channels, config.dim, 1)
+
+    def forward(self, image: torch.Tensor):
+        x = self.proj(self.features(image)).flatten(2).transpose(1, 2)
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return x, mask, x.mean(1)
+
+
+class AudioEncoder(nn.Module):
+    STRIDE = 4
+
+    def __init__(self, config: ModelConfig, n_mels: int):
+        super().__init__()
+        self.subsample = nn.Sequential(
+            nn.Conv1d(n_mels, config.dim, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv1d(config.dim, config.dim, 3, stride=2, padding=1), nn.GELU())
+        self.pos = nn.Parameter(torch.randn(config.max_positions, config.dim) * 0.02)
+        self.encoder = transformer(config, config.audio_layers)
+        self.norm = nn.LayerNorm(config.dim)
+
+    def forward(self, mel: torch.Tensor, mel_mask: torch.Tensor):
+        x = self.subsample(mel).transpose(1, 2)[:, : self.pos.shape[0]]
+        mask = computable(mel_mask[:, :: self.STRIDE][:, : x.shape[1]])
+        x = self.norm(self.encoder(x + self.pos[: x.shape[1]], src_key_padding_mask=~mask))
+        return x, mask, masked_mean(x, mask)
+
+
+class FusionModel(nn.Module):
+    def __init__(self, config: ModelConfig, *, modalities: list[str], vocab_size: int, image_size: int,
+                 n_mels: int, num_classes: int, classify: bool):
+        super().__init__()
+        self.modalities = [m for m in MODALITIES if m in modalities]
+        self.encoders = nn.ModuleDict()
+        if "text" in self.modalities:
+            self.encoders["text"] = TextEncoder(config, vocab_size)
+        if "image" in self.modalities:
+            self.encoders["image"] = ViTEncoder(config, image_size) if config.image_encoder == "vit" \
+                else CNNEncoder(config)
+            if config.image_weights:
+                self.encoders["image"].load_state_dict(torch.load(config.image_weights, weights_only=True))
+        if "audio" in self.modalities:
+            self.encoders["audio"] = AudioEncoder(config, n_mels)
+        self.project = nn.ModuleDict({m: nn.Linear(config.dim, config.embed_dim) for m in self.modalities})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature)))
+        self.classify = classify
+        if classify:
+            self.cls = nn.Parameter(torch.zeros(1, 1, config.dim))
+            self.modality_embed = nn.Parameter(torch.randn(len(MODALITIES), config.dim) * 0.02)
+            self.fusion = transformer(config, config.fusion_layers)
+            self.head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, num_classes))
+
+    def encode(self, batch: dict) -> dict[str, tuple]:
+        out = {}
+        if "text" in self.encoders:
+            out["text"] = self.encoders["text"](batch["tokens"], batch["tokens_mask"])
+        if "image" in self.encoders:
+            out["image"] = self.encoders["image"](batch["image"])
+        if "audio" in self.encoders:
+            out["audio"] = self.encoders["audio"](batch["mel"], batch["mel_mask"])
+        return out
+
+    def forward(self, batch: dict) -> dict:
+        real = ~batch["is_pad"] if "is_pad" in batch else torch.ones_like(batch["has_label"])
+        encoded = self.encode(batch)
+        present = {m: batch[f"has_{m}"] & real for m in encoded}
+        embeddings = {m: F.normalize(self.project[m](pooled), dim=-1) for m, (_, _, pooled) in encoded.items()}
+        logits = self.fuse(encoded, present) if self.classify else None
+        return {"embeddings": embeddings, "present": present, "logits": logits,
+                "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp()}
+
+    def fuse(self, encoded: dict, present: dict) -> torch.Tensor:
+        pieces, masks = [], []
+        for m, (tokens, mask, _) in encoded.items():
+            pieces.append(tokens + self.modality_embed[MODALITIES.index(m)])
+            masks.append(mask & present[m].unsqueeze(1))
+        batch = pieces[0].shape[0]
+        x = torch.cat([self.cls.expand(batch, -1, -1), *pieces], 1)
+        keep = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=x.device), *masks], 1)
+        return self.head(self.fusion(x, src_key_padding_mask=~keep)[:, 0])
