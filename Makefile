@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_N ?= 2000
 
-.PHONY: install test preprocess train bench-preprocess bench-loader lint clean
+.PHONY: install test preprocess train bench-preprocess bench-loader bench-train lint clean
 
 install: $(STAMP)
 
@@ -26,8 +26,12 @@ data/demo/manifest.jsonl: | $(STAMP)
 preprocess: $(STAMP) data/demo/manifest.jsonl
 	$(VENV)/bin/mmdata preprocess pipelines/demo.yaml $(ARGS)
 
-train: $(STAMP)
+# builds (or reuses) the demo shards through the experiment's data config, then trains
+train: $(STAMP) data/demo/manifest.jsonl
 	$(VENV)/bin/mmtrain train pipelines/train.yaml $(ARGS)
+
+bench-train: $(STAMP) data/demo/manifest.jsonl
+	$(PY) benchmarks/bench_train.py $(ARGS)
 
 bench-preprocess: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py $(ARGS)

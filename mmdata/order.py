@@ -113,7 +113,7 @@ def epoch_plan(draws: np.ndarray, lengths: np.ndarray | None, layouts: list[Layo
     last = layouts[-1]
     tail = (len(order) - last.start) % last.global_batch
     if tail and pad:
-        order = np.concatenate([order, order[: last.global_batch - tail]])
+        order = np.concatenate([order, np.resize(order, last.global_batch - tail)])  # cycles if needed
     elif tail:
         order = order[: len(order) - tail]
     return order

@@ -61,3 +61,20 @@ def make_bucket(options: dict, name: str):
                           aws_secret_access_key=options["secret"], region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return client
+
+
+def experiment_config(dataset: str, run_dir, *overrides: str):
+    """A tiny, fast ExperimentConfig over an existing dataset directory."""
+    from mmdata.config import load_config
+    from mmtrain.config import ExperimentConfig
+    base = [f"data.dataset={dataset}", f"train.run_dir={run_dir}", "data.eval_fraction=0.2",
+            "data.loader.batch_size=8", "data.loader.num_workers=0", "data.loader.persistent_workers=false",
+            "model.dim=32", "model.heads=2", "model.embed_dim=32", "model.patch_size=8",
+            "model.text_layers=1", "model.image_layers=1", "model.audio_layers=1", "model.fusion_layers=1",
+            "optim.lr=0.003", "optim.warmup_steps=2", "train.steps=20", "train.eval_every=0",
+            "train.checkpoint_every=0", "train.log_every=1", "train.progress=false"]
+    return load_config(ExperimentConfig, None, [*base, *overrides])
+
+
+def metrics_lines(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

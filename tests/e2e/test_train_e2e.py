@@ -1,0 +1,96 @@
+"""Training end to end: real DDP ranks, SIGKILL and resume, the demo learning far above chance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import experiment_config, free_port, metrics_lines
+from mmdata.config import to_dict
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_two_ddp_ranks_keep_identical_parameters(demo_dataset, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "--master_addr=127.0.0.1",
+                          str(HERE / "train_rank.py"), demo_dataset, str(tmp_path)],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["params"].keys() == ranks[1]["params"].keys()
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    assert ranks[0]["losses"] != ranks[1]["losses"]   # the ranks saw different batches
+
+
+def write_config(tmp_path: Path, config, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    return path
+
+
+def test_sigkill_then_restart_gives_the_same_losses(demo_dataset, tmp_path):
+    args = ("train.steps=60", "train.checkpoint_every=10", "data.loader.num_workers=1")
+    reference = write_config(tmp_path, experiment_config(demo_dataset, tmp_path / "ref", *args), "ref.yaml")
+    subprocess.run([sys.executable, "-m", "mmtrain.cli", "train", str(reference)], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    killed_dir = tmp_path / "killed"
+    killed = write_config(tmp_path, experiment_config(demo_dataset, killed_dir, *args), "killed.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "mmtrain.cli", "train", str(killed)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed_dir / "checkpoints" / "step-00000020").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(p.name for p in (killed_dir / "checkpoints").glob("step-*"))
+    assert saved and saved[-1] != "step-00000060", "the run should have been killed before it finished"
+    restart = subprocess.run([sys.executable, "-m", "mmtrain.cli", "train", str(killed)], env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    losses = lambda d: [(m["step"], m["loss"]) for m in metrics_lines(d) if "loss" in m]  # noqa: E731
+    assert [s for s, _ in losses(killed_dir)] == list(range(1, 61))
+    assert [l for _, l in losses(killed_dir)] == pytest.approx([l for _, l in losses(tmp_path / "ref")], rel=1e-5)
+
+
+def test_the_demo_learns_far_above_chance(tmp_path):
+    """Small version of `make train`: generate, preprocess (via the data config), train, evaluate."""
+    from mmdata.demo import generate_demo
+    generate_demo(tmp_path / "demo", 480, seed=3)
+    data = {"input": {"manifest": str(tmp_path / "demo/manifest.jsonl")},
+            "output": {"root": str(tmp_path / "datasets"), "name": "demo", "samples_per_shard": 60},
+            "image": {"size": 32}, "audio": {"n_mels": 32, "max_seconds": 2.0}, "text": {"vocab_size": 256},
+            "ray": {"executor": "serial"}, "progress": False}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
+    experiment = {"data": {"preprocess": str(tmp_path / "data.yaml"), "eval_fraction": 0.2,
+                           "loader": {"batch_size": 24, "num_workers": 1}},
+                  "model": {"dim": 48, "heads": 4, "embed_dim": 48, "text_layers": 1, "image_layers": 1,
+                            "audio_layers": 1, "fusion_layers": 1},
+                  "optim": {"lr": 0.003, "warmup_steps": 10},
+                  "train": {"run_dir": str(tmp_path / "run"), "steps": 160, "eval_every": 0,
+                            "checkpoint_every": 80, "progress": False}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(experiment))
+    run = subprocess.run([sys.executable, "-m", "mmtrain.cli", "train", str(tmp_path / "exp.yaml")],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert metrics["accuracy"] > max(0.5, 2 * metrics["accuracy/chance"]), metrics
+    assert metrics["text->image/R@10"] > 2 * metrics["text->image/R@10/chance"], metrics
+    assert metrics["audio->text/R@10"] > 2 * metrics["audio->text/R@10/chance"], metrics
+    assert (tmp_path / "run" / "curves.png").exists() and list((tmp_path / "run" / "tensorboard").iterdir())
+    again = subprocess.run([sys.executable, "-m", "mmtrain.cli", "train", str(tmp_path / "exp.yaml"),
+                            "train.run_dir=" + str(tmp_path / "run2"), "train.steps=1"],
+                           env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "data: reused" in again.stdout   # a second experiment reuses the shards
