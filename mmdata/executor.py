@@ -60,7 +60,8 @@ def run_partition_on_node(job: Job, k: int, records: list[Record], duplicates: s
 
 def warm_worker() -> int:
     """Import the processing stack (torch, torchaudio, Pillow...) so the first partition does not pay for it."""
-    import mmdata.process  # noqa: F401
+    import importlib
+    importlib.import_module("mmdata.process")
     return os.getpid()
 
 

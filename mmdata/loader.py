@@ -315,8 +315,10 @@ def make_source(catalog: Catalog, weight: float, config: LoaderConfig) -> Source
 
 
 def move_to(batch: dict, device: torch.device, normalize_images: bool = True) -> dict:
-    """Tensors to ``device`` (non-blocking from pinned memory); uint8 images normalised there."""
+    """Tensors to ``device`` (non-blocking from pinned memory); mel to float32 and images normalised there."""
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if "mel" in out:
+        out["mel"] = out["mel"].float()
     image = out.get("image")
     if normalize_images and image is not None and image.dtype == torch.uint8:
         mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)

@@ -54,7 +54,7 @@ def run_train(args) -> int:
     from mmtrain.distributed import cleanup, setup
     from mmtrain.trainer import train
     config = load_config(ExperimentConfig, args.config, args.overrides)
-    d = setup(config.train.device)
+    d = setup(config.train.device, group=config.train.fsdp)
     try:
         train(config, d)
     finally:

@@ -25,8 +25,11 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> Dist:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise."""
+def setup(device: str = "auto", group: bool = False) -> Dist:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise.
+
+    ``group=True`` makes a one-process group when there is no torchrun (FSDP2 needs a device mesh).
+    """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -35,8 +38,15 @@ def setup(device: str = "auto") -> Dist:
     target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(target)
+    backend = "nccl" if use_cuda else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
+        dist.init_process_group(backend, device_id=target if use_cuda else None)
+    elif group and not dist.is_initialized():
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return Dist(rank, world, local_rank, target)
 
 

@@ -158,7 +158,8 @@ class FusionModel(nn.Module):
         if "audio" in self.modalities:
             self.encoders["audio"] = AudioEncoder(config, n_mels)
         self.project = nn.ModuleDict({m: nn.Linear(config.dim, config.embed_dim) for m in self.modalities})
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature)))
+        # shape [1], not a scalar: FSDP2 cannot shard 0-d parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / config.temperature)))
         self.classify = classify
         if classify:
             self.cls = nn.Parameter(torch.zeros(1, 1, config.dim))
@@ -183,7 +184,7 @@ class FusionModel(nn.Module):
         embeddings = {m: F.normalize(self.project[m](pooled), dim=-1) for m, (_, _, pooled) in encoded.items()}
         logits = self.fuse(encoded, present) if self.classify else None
         return {"embeddings": embeddings, "present": present, "logits": logits,
-                "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp()}
+                "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp().squeeze(0)}
 
     def fuse(self, encoded: dict, present: dict) -> torch.Tensor:
         pieces, masks = [], []

@@ -41,17 +41,38 @@ class TrainState:
     loader: MultimodalLoader
     step: int = 0
 
+    sharded: bool = False             # FSDP2: state dicts are gathered to full tensors on save
+
     def state_dict(self) -> dict:
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "rng": torch.get_rng_state(), "loader": self.loader.state_dict()}
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model = get_model_state_dict(self.raw_model, options=full)
+            optimizer = get_optimizer_state_dict(self.raw_model, self.optimizer, options=full)
+        else:
+            model, optimizer = self.raw_model.state_dict(), self.optimizer.state_dict()
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "rng": rng, "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.raw_model, state["model"], options=full)
+            set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=full)
+        else:
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
         self.loader.load_state_dict(state["loader"])
 
 
@@ -101,10 +122,11 @@ def setup(config: ExperimentConfig, d: Dist) -> TrainState:
     facts = dataset_facts(dataset)
     loader = train_loader(config, dataset, d)
     model = build_model(config, facts)
+    wrapped = wrap(model, config, d)   # before the optimizer: FSDP2 swaps parameters for sharded ones
     o = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    state = TrainState(wrap(model, config, d), model, optimizer, scheduler, loader)
+    state = TrainState(wrapped, model, optimizer, scheduler, loader, sharded=config.train.fsdp)
     found = checkpoint.latest(config.train.run_dir)
     if found is not None:
         saved, meta = checkpoint.load(found)

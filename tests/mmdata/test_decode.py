@@ -141,7 +141,7 @@ def test_collate_pads_and_masks_mixed_samples():
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 3, 4, 6)
     assert batch["has_image"].tolist() == [True, False, True]
     assert batch["image"][1].eq(0).all() and batch["image"][2].eq(200).all()
-    assert batch["mel"].dtype == torch.float32 and batch["mel"].shape == (3, 4, 5)
+    assert batch["mel"].dtype == torch.float16 and batch["mel"].shape == (3, 4, 5)
     assert batch["mel_mask"].tolist() == [[True] * 5, [True, True, False, False, False], [False] * 5]
     assert batch["mel"][1, :, 2:].eq(0).all() and batch["mel"][2].eq(0).all()
     assert batch["has_audio"].tolist() == [True, True, False]
