@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +76,7 @@ def decode_sample(members: dict[str, bytes], augment: AugmentConfig, rng: np.ran
     (not requested, or not in the sample) comes back as None. Without a
     ``json`` member the id is "" and the label comes from ``cls`` or is None:
     the loader fills both from its index. Returns ``{"id", "label",
-    "tokens" (int64 1-D), "image" (uint8 [3, H, W]), "mel" (float32 [n_mels, T])}``.
+    "tokens" (int64 1-D), "image" (uint8 [3, H, W]), "mel" (float16 [n_mels, T], as stored)}``.
     """
     meta = _decode_member(members, JSON, "", _decode_json) or {}
     sample_id = str(meta.get("id", ""))
@@ -126,8 +127,23 @@ def _decode_label(data: bytes) -> int:
     return int(bytes(data).decode("ascii").strip())
 
 
+# The header np.save writes for plain numeric arrays. Parsing it with a regex instead of
+# numpy's ast-based reader is several times faster, and only plain numeric dtypes pass.
+_NPY_HEADER = re.compile(rb"\{'descr': '([<|][iuf][1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")
+
+
 def _load_npy(data: bytes) -> np.ndarray:
-    # allow_pickle=False: an object array (a pickle) raises instead of running code.
+    """A read-only array over ``data``; never unpickles (object arrays raise)."""
+    if data[:8] in (b"\x93NUMPY\x01\x00", b"\x93NUMPY\x02\x00"):
+        start = 10 if data[6] == 1 else 12
+        length = int.from_bytes(data[8:start], "little")
+        header = _NPY_HEADER.fullmatch(bytes(data[start:start + length]))
+        if header:
+            shape = tuple(int(n) for n in header.group(2).split(b",") if n.strip())
+            count = math.prod(shape)
+            array = np.frombuffer(data, np.dtype(header.group(1).decode()), count=count, offset=start + length)
+            return array.reshape(shape)
+    # anything else (fortran order, other dtypes): numpy's reader, still without pickles
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -142,7 +158,7 @@ def _decode_mel(data: bytes) -> np.ndarray:
     mel = _load_npy(data)
     if mel.ndim != 2 or not np.issubdtype(mel.dtype, np.floating):
         raise ValueError(f"expected a 2-D float [n_mels, frames] array, got {mel.dtype} with shape {mel.shape}")
-    return mel.astype(np.float32)  # a writable copy: SpecAugment masks in place
+    return mel  # as stored (float16), read-only: collate copies it, SpecAugment copies before masking
 
 
 def _decode_image(data: bytes) -> torch.Tensor:
@@ -199,13 +215,14 @@ def crop_box(height: int, width: int, scale, ratio, rng: np.random.Generator) ->
 
 
 def augment_mel(mel: np.ndarray, augment: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """SpecAugment in place: bands of bins / frames set to the mel's minimum (silence in log space).
+    """SpecAugment on a copy: bands of bins / frames set to the mel's minimum (silence in log space).
 
     Each band is 1..width wide (clipped to the axis), so every requested mask
     hides something; bands may overlap.
     """
     if mel.size == 0 or (augment.mel_freq_masks == 0 and augment.mel_time_masks == 0):
         return mel
+    mel = np.array(mel)  # a writable copy: decoded arrays are views of the shard bytes
     floor = mel.min()
     for axis, count, max_width in ((0, augment.mel_freq_masks, augment.mel_freq_width),
                                    (1, augment.mel_time_masks, augment.mel_time_width)):

@@ -50,7 +50,7 @@ def test_round_trip_each_modality():
     assert out["tokens"].dtype == np.int64 and out["tokens"].tolist() == tokens.tolist()
     assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, 12, 16)
     assert torch.equal(out["image"], torch.from_numpy(pixels).permute(2, 0, 1))  # PNG is lossless
-    assert out["mel"].dtype == np.float32 and np.array_equal(out["mel"], mel.astype(np.float32))
+    assert out["mel"].dtype == np.float16 and np.array_equal(out["mel"], mel)  # the stored precision
     from_jpg = decode_sample({"json": meta(), "jpg": jpg}, NO_AUGMENT, rng())["image"]
     assert from_jpg.shape == (3, 12, 16)
     assert (from_jpg.int() - torch.from_numpy(pixels).permute(2, 0, 1).int()).abs().float().mean() < 4
@@ -229,3 +229,14 @@ def test_augment_config_validate_names_the_field(field, value):
     with pytest.raises(ConfigError) as info:
         AugmentConfig(**{field: value}).validate()
     assert info.value.key == field
+
+
+def test_npy_members_with_lying_headers_or_odd_layouts_are_handled_safely():
+    from mmdata.decode import _load_npy
+    buf = io.BytesIO()
+    np.save(buf, np.arange(100, dtype=np.int32), allow_pickle=False)
+    with pytest.raises(ValueError):
+        _load_npy(buf.getvalue()[:200])                       # header says 100 ints, bytes hold fewer
+    fortran = io.BytesIO()
+    np.save(fortran, np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)), allow_pickle=False)
+    assert _load_npy(fortran.getvalue()).tolist() == [[0, 1, 2], [3, 4, 5]]   # numpy's own reader path
