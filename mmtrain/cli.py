@@ -11,7 +11,7 @@ Train the text-image-audio fusion model on preprocessed shards.
 
   mmtrain train pipelines/train.yaml [key=value ...]         one process (resumes from train.run_dir)
   mmtrain train pipelines/train.yaml --nproc 2               the same under torchrun, 2 ranks (DDP)
-  torchrun --nproc_per_node 4 -m mmtrain.cli train cfg.yaml  what --nproc runs; multi-node: torchrun's rendezvous
+  torchrun --nproc_per_node 4 -m mmtrain train cfg.yaml      what --nproc runs; multi-node: torchrun's rendezvous
   mmtrain eval runs/demo                                     re-evaluate the latest checkpoint of a run
 """
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_train(args) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "mmtrain.cli", "train", args.config, *args.overrides]
+                   "-m", "mmtrain", "train", args.config, *args.overrides]
         os.execv(sys.executable, command)
     from mmdata.config import load_config
     from mmtrain.config import ExperimentConfig
