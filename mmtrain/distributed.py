@@ -52,6 +52,8 @@ def setup(device: str = "auto", group: bool = False) -> Dist:
 
 def cleanup() -> None:
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()   # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
 
 

@@ -14,19 +14,32 @@ import torch
 import torch.nn.functional as F
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows (gradient flows back to each rank's own rows); identity without distributed."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            or torch.distributed.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x), 0)
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
-def rank_offset(rows: int) -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() * rows
-    return 0
+def gather_rows(rows: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[dict, torch.Tensor, int]:
+    """All ranks' rows (gradients flow back to each rank's own), their validity, and where mine start.
+
+    Batches can differ in size across ranks (the loader's on_error=skip drops bad samples),
+    so rows are padded to the largest batch and the padding is marked invalid.
+    """
+    if not distributed():
+        return rows, valid, 0
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    size = torch.tensor([valid.shape[0]], device=valid.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    most = int(max(s.item() for s in sizes))
+    pad = most - valid.shape[0]
+    padded = {k: torch.nn.functional.pad(v, (0, 0, 0, pad)) for k, v in rows.items()}
+    group = torch.distributed.group.WORLD
+    gathered = {k: all_gather_tensor_autograd(v.contiguous(), 0, group) for k, v in padded.items()}
+    flags = [torch.zeros(most, dtype=torch.bool, device=valid.device) for _ in range(world)]
+    torch.distributed.all_gather(flags, torch.nn.functional.pad(valid, (0, pad)))
+    return gathered, torch.cat(flags), rank * most
 
 
 def contrastive_loss(embeddings: dict, present: dict, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -34,15 +47,19 @@ def contrastive_loss(embeddings: dict, present: dict, logit_scale: torch.Tensor)
     losses = {}
     for a, b in itertools.combinations(sorted(embeddings), 2):
         both = present[a] & present[b]
-        all_a, all_b, all_both = gather(embeddings[a]), gather(embeddings[b]), gather(both.float()).bool()
+        rows, all_both, start = gather_rows({a: embeddings[a], b: embeddings[b]}, both)
         local = torch.zeros_like(all_both)
-        start = rank_offset(both.shape[0])
         local[start: start + both.shape[0]] = both
-        if all_both.sum() < 2 or both.sum() == 0:
+        if all_both.sum() < 2:
+            continue     # the same on every rank: nobody uses the gathered rows
+        if both.sum() == 0:
+            # nothing to score here, but the gathered rows must stay in this rank's graph:
+            # their backward is a collective that every rank has to join
+            losses[f"_anchor/{a}-{b}"] = (rows[a].sum() + rows[b].sum()) * 0.0
             continue
         keys = all_both.nonzero().squeeze(1)
         queries = local[keys].nonzero().squeeze(1)   # my rows, as positions among `keys`
-        logits = logit_scale * all_a[keys] @ all_b[keys].T
+        logits = logit_scale * rows[a][keys] @ rows[b][keys].T
         losses[f"{a}-{b}"] = (F.cross_entropy(logits[queries], queries)
                               + F.cross_entropy(logits.T[queries], queries)) / 2
     return losses
@@ -60,7 +77,9 @@ def total_loss(outputs: dict, batch: dict, loss: str, classify_weight: float) ->
     if loss in ("contrastive", "both"):
         pairs = contrastive_loss(outputs["embeddings"], outputs["present"], outputs["logit_scale"])
         anchor = sum(e.sum() for e in outputs["embeddings"].values()) * 0.0 + outputs["logit_scale"] * 0.0
-        parts["contrastive"] = torch.stack(list(pairs.values())).mean() + anchor if pairs else anchor
+        anchor = anchor + sum(v for k, v in pairs.items() if k.startswith("_anchor/"))
+        scored = [v for k, v in pairs.items() if not k.startswith("_anchor/")]
+        parts["contrastive"] = torch.stack(scored).mean() + anchor if scored else anchor
     if loss in ("classify", "both"):
         real = batch["has_label"] & ~batch["is_pad"] if "is_pad" in batch else batch["has_label"]
         parts["classify"] = classify_weight * classification_loss(outputs["logits"], batch["label"], real)

@@ -30,6 +30,7 @@ def main(dataset: str, out: str) -> None:
     dist.all_gather(everyone, counts)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"ids": ids, "batches": len(loader), "counts": [int(c) for c in everyone]}, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 

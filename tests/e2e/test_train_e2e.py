@@ -94,3 +94,13 @@ def test_the_demo_learns_far_above_chance(tmp_path):
                             "train.run_dir=" + str(tmp_path / "run2"), "train.steps=1"],
                            env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "data: reused" in again.stdout   # a second experiment reuses the shards
+
+
+def test_contrastive_gather_survives_uneven_batches_and_missing_modalities(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "--master_addr=127.0.0.1",
+                          str(HERE / "gather_rank.py"), str(tmp_path)],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
+    assert all(l == l and l > 0 for l in losses)
