@@ -37,7 +37,7 @@ def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> dict:
     import torch
     from mmdata.config import from_dict
     from mmdata.pipeline import PreprocessConfig
-    from mmdata.process import Job, build_sample
+    from mmdata.process import Job, build_sample, encode_modality
     from mmdata.sources import iter_records
     from mmdata.storage import read_bytes
     from mmdata.text import load_tokenizer
@@ -47,8 +47,11 @@ def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> dict:
     tokenizer = load_tokenizer(model)
     records = [r for _, r in zip(range(limit), iter_records(config.input))]
     job = Job(config, model, None, "", "")
+    for record in records[:20]:  # warm caches (resample kernels, mel filterbanks) as a long job would
+        for modality in ("text", "image", "audio"):
+            if getattr(record, modality) is not None:
+                encode_modality(modality, getattr(record, modality), job, tokenizer)
     rates = {}
-    from mmdata.process import encode_modality
     for modality in ("text", "image", "audio"):
         items = [getattr(r, modality) for r in records if getattr(r, modality) is not None]
         start = time.perf_counter()
@@ -138,7 +141,7 @@ def main() -> None:
     tokenizer = str(tok_root / "tokenizer.model")
 
     config = bench_config(data / "manifest.jsonl", work / "out", tokenizer, args.cpus)
-    kernel = kernel_rates(config, data / "manifest.jsonl", min(args.n, 1000))
+    kernel = kernel_rates(config, data / "manifest.jsonl", args.n)   # the same rows the pipeline processes
     ceiling = kernel["all"] * args.cpus
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -181,7 +181,14 @@ def _resample(mono: np.ndarray, rate: int, target: int) -> torch.Tensor:
     if rate == target:
         return wave
     with torch.no_grad():
-        return torchaudio.functional.resample(wave, rate, target)
+        return _resampler(rate, target)(wave)
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(rate: int, target: int) -> torchaudio.transforms.Resample:
+    """One Resample per rate pair: it builds its sinc kernel once, where functional.resample
+    rebuilds it on every call (same default parameters, so the same output)."""
+    return torchaudio.transforms.Resample(rate, target)
 
 
 def _fit_length(wave: torch.Tensor, config: AudioConfig) -> torch.Tensor:
