@@ -27,7 +27,8 @@ from mmdata.audio import AudioConfig
 from mmdata.config import ConfigError, require, require_choice, to_dict
 from mmdata.image import ImageConfig
 from mmdata.process import Job, is_int_like
-from mmdata.schema import DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, INDEX_DIR, TOKENIZER_FILE
+from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, INDEX_DIR, PROCESSING_VERSION,
+                           TOKENIZER_FILE)
 from mmdata.sources import InputConfig, Record, check_readable, iter_records
 from mmdata.text import TextConfig, check_text, load_tokenizer, train_tokenizer
 
@@ -144,7 +145,8 @@ def get_tokenizer(config: PreprocessConfig, scan: Scan) -> bytes:
 
 
 def job_salt(config: PreprocessConfig, tokenizer: bytes, labels: dict | None) -> str:
-    affecting = {"format": FORMAT_VERSION, "text": {**to_dict(config.text), "tokenizer": None},
+    affecting = {"format": FORMAT_VERSION, "processing": PROCESSING_VERSION,
+                 "text": {**to_dict(config.text), "tokenizer": None},
                  "image": to_dict(config.image), "audio": to_dict(config.audio),
                  "samples_per_shard": config.output.samples_per_shard,
                  "max_shard_bytes": config.output.max_shard_bytes,
@@ -229,6 +231,7 @@ def dataset_description(job: Job, fingerprint: str, shards: list[dict], totals: 
     tokenizer = load_tokenizer(job.tokenizer)
     return {
         "format_version": FORMAT_VERSION,
+        "processing_version": PROCESSING_VERSION,
         "name": config.output.name,
         "fingerprint": fingerprint,
         "config": to_dict(config),

@@ -156,8 +156,9 @@ def train_step(state: TrainState, stream, config: ExperimentConfig, d: Dist) -> 
     accum = config.optim.grad_accum
     for micro in range(accum):
         t = time.perf_counter()
-        batch = move_to(next(stream), d.device)
+        batch = next(stream)            # blocked on the loader: this is the data wait
         wait += time.perf_counter() - t
+        batch = move_to(batch, d.device)  # copy + normalisation count as step work
         samples += len(batch["ids"])
         sync = micro == accum - 1 or not isinstance(state.model, torch.nn.parallel.DistributedDataParallel)
         context = state.model.no_sync() if not sync else torch.enable_grad()

@@ -149,6 +149,7 @@ def test_latest_symlink_points_at_the_dataset(demo_result):
     assert (Path(config.output.root) / "t").resolve() == Path(result.dataset).resolve()
 
 
+@pytest.mark.filterwarnings("ignore:String specifications for transformations:UserWarning")
 def test_wids_reads_the_dataset_through_the_emitted_index(demo_result):
     import wids
     from mmdata.dataset import write_wids_index
