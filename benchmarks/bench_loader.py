@@ -46,7 +46,9 @@ def decode_members(sample: dict) -> dict:
 def ours(dataset: str, workers: int, batch: int) -> float:
     from mmdata.config import from_dict
     from mmdata.loader import LoaderConfig, MultimodalLoader
-    config = from_dict(LoaderConfig, {"datasets": [{"path": dataset}], "batch_size": batch, "num_workers": workers})
+    # no pinning: the baselines don't pin either (on a CUDA machine the loader would by default)
+    config = from_dict(LoaderConfig, {"datasets": [{"path": dataset}], "batch_size": batch, "num_workers": workers,
+                                      "pin_memory": False})
     return rate(MultimodalLoader(config))
 
 
