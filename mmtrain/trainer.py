@@ -39,6 +39,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: MultimodalLoader
+    facts: dict                       # dataset sizes the model was built from (vocab, image size...)
     step: int = 0
 
     sharded: bool = False             # FSDP2: state dicts are gathered to full tensors on save
@@ -126,7 +127,7 @@ def setup(config: ExperimentConfig, d: Dist) -> TrainState:
     o = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    state = TrainState(wrapped, model, optimizer, scheduler, loader, sharded=config.train.fsdp)
+    state = TrainState(wrapped, model, optimizer, scheduler, loader, facts, sharded=config.train.fsdp)
     found = checkpoint.latest(config.train.run_dir)
     if found is not None:
         saved, meta = checkpoint.load(found)
@@ -250,8 +251,7 @@ def train(config: ExperimentConfig, d: Dist) -> dict[str, float]:
     """Train to config.train.steps (resuming from the run directory); returns the final eval metrics."""
     run_dir = Path(config.train.run_dir)
     state = setup(config, d)
-    dataset = state.loader.catalogs[0].dataset
-    facts = dataset_facts(dataset)
+    dataset, facts = state.loader.catalogs[0].dataset, state.facts
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -139,3 +139,13 @@ def test_cnn_image_encoder_with_local_weights_and_grad_accumulation(demo_dataset
     per_epoch = len(train_loader(config, demo_dataset, setup("cpu")))
     loader = checkpoint.load(checkpoint.latest(tmp_path / "b"))[0]["loader"]
     assert loader["epoch"] * per_epoch + loader["consumed"] // 8 == 3 * 2   # 3 steps x 2 micro-batches
+
+
+def test_resuming_with_another_tokenizer_fails_before_training(demo_dataset, tmp_path):
+    train(experiment_config(demo_dataset, tmp_path, "train.steps=2"), setup("cpu"))
+    meta_path = checkpoint.latest(tmp_path) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "vocab_size": meta["vocab_size"] + 1}))  # as if trained elsewhere
+    with pytest.raises(ConfigError, match="vocab size") as info:
+        train(experiment_config(demo_dataset, tmp_path, "train.steps=4"), setup("cpu"))
+    assert info.value.key == "data"
