@@ -4,7 +4,9 @@
     python benchmarks/bench_loader.py --dataset data/datasets/demo --workers 2 --batch 64
 
 All four readers decode the same members (tokens, image, mel) with the same
-decode/collate code and the same number of DataLoader workers, in this run.
+decode/collate code and the same number of DataLoader workers, in this run,
+and each is timed over the same number of samples (``--samples``, passes over
+the dataset repeated as needed) after its workers have started.
 """
 
 from __future__ import annotations
@@ -18,21 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from mmdata.decode import AugmentConfig, collate, decode_sample
 
 MEMBERS = ("tokens.npy", "jpg", "mel.npy")
 
 
-def rate(batches, warmup: int = 1) -> float:
-    """Samples/s after the first ``warmup`` batches (worker start-up is not throughput)."""
+def rate(batches, samples: int, warmup: int) -> float:
+    """Samples/s over ``samples`` samples after the first ``warmup`` batches (worker start-up is not throughput)."""
     n, start = 0, None
     for i, batch in enumerate(batches):
         if i == warmup - 1:
             start = time.perf_counter()
         elif i >= warmup:
             n += len(batch["ids"])
+            if n >= samples:
+                break
     return n / (time.perf_counter() - start)
 
 
@@ -43,21 +47,25 @@ def decode_members(sample: dict) -> dict:
     return out
 
 
-def ours(dataset: str, workers: int, batch: int) -> float:
+def ours(dataset: str, workers: int, batch: int, samples: int) -> float:
     from mmdata.config import from_dict
     from mmdata.loader import LoaderConfig, MultimodalLoader
     # no pinning: the baselines don't pin either (on a CUDA machine the loader would by default)
     config = from_dict(LoaderConfig, {"datasets": [{"path": dataset}], "batch_size": batch, "num_workers": workers,
-                                      "pin_memory": False})
-    return rate(MultimodalLoader(config))
+                                      "pin_memory": False, "samples_per_epoch": samples + 4 * workers * batch})
+    return rate(MultimodalLoader(config), samples, warmup(workers))
 
 
-def plain_webdataset(dataset: str, workers: int, batch: int) -> float:
+def warmup(workers: int) -> int:
+    return 2 * max(workers, 1)
+
+
+def plain_webdataset(dataset: str, workers: int, batch: int, samples: int) -> float:
     import webdataset as wds
     shards = sorted(str(p) for p in Path(dataset).glob("shard-*.tar"))
     pipeline = (wds.WebDataset(shards, shardshuffle=len(shards), seed=0, empty_check=False)
-                .shuffle(1000).map(decode_members).batched(batch, collation_fn=collate))
-    return rate(DataLoader(pipeline, batch_size=None, num_workers=workers))
+                .repeat().shuffle(1000).map(decode_members).batched(batch, collation_fn=collate))
+    return rate(DataLoader(pipeline, batch_size=None, num_workers=workers), samples, warmup(workers))
 
 
 class LooseFiles(Dataset):
@@ -80,27 +88,34 @@ class LooseFiles(Dataset):
         return decode_members(sample)
 
 
-def loose_files(dataset: str, workers: int, batch: int, scratch: Path) -> float:
+def loose_files(dataset: str, workers: int, batch: int, samples: int, scratch: Path) -> float:
     folder = scratch / "loose"
     if not folder.exists():
         folder.mkdir(parents=True)
         for shard in sorted(Path(dataset).glob("shard-*.tar")):
             with tarfile.open(shard) as tar:
                 tar.extractall(folder, filter="data")
-    loader = DataLoader(LooseFiles(folder), batch_size=batch, shuffle=True, num_workers=workers,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(0))
-    return rate(loader)
+    files = LooseFiles(folder)
+    sampler = RandomSampler(files, num_samples=samples + 4 * workers * batch, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(files, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate)
+    return rate(loader, samples, warmup(workers))
 
 
-def decode_ceiling(dataset: str, workers: int, limit: int = 1000) -> float:
+def decode_ceiling(dataset: str, workers: int, samples: int, batch: int, distinct: int = 1000) -> float:
+    """Decode + collate only (members already in memory, one thread), times the number of workers."""
     import webdataset as wds
     shards = sorted(str(p) for p in Path(dataset).glob("shard-*.tar"))
-    samples = [s for _, s in zip(range(limit), wds.WebDataset(shards, shardshuffle=False, empty_check=False))]
+    held = [s for _, s in zip(range(distinct), wds.WebDataset(shards, shardshuffle=False, empty_check=False))]
     torch.set_num_threads(1)
-    start = time.perf_counter()
-    for i in range(0, len(samples), 64):
-        collate([decode_members(s) for s in samples[i: i + 64]])
-    return len(samples) / (time.perf_counter() - start) * workers
+    collate([decode_members(s) for s in held[:batch]])  # first-call set-up is not throughput
+    start, done = time.perf_counter(), 0
+    while done < samples:
+        for i in range(0, len(held), batch):
+            collate([decode_members(s) for s in held[i: i + batch]])
+        done += len(held)
+    elapsed = time.perf_counter() - start
+    torch.set_num_threads(os.cpu_count() or 1)
+    return done / elapsed * max(workers, 1)
 
 
 def resume_latency(dataset: str, workers: int, batch: int) -> dict[str, float]:
@@ -127,14 +142,15 @@ def main() -> None:
     parser.add_argument("--dataset", default="data/datasets/demo")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=30000, help="samples timed per reader")
     args = parser.parse_args()
     dataset = str(Path(args.dataset).resolve())
     scratch = Path(tempfile.mkdtemp(prefix="mm-bench-loader-"))
-    print(f"dataset {dataset}; {args.workers} workers; batch {args.batch}")
-    ceiling = decode_ceiling(dataset, args.workers)
-    results = {"mmdata loader": ours(dataset, args.workers, args.batch),
-               "plain webdataset": plain_webdataset(dataset, args.workers, args.batch),
-               "loose files (map-style)": loose_files(dataset, args.workers, args.batch, scratch)}
+    print(f"dataset {dataset}; {args.workers} workers; batch {args.batch}; {args.samples} samples timed per reader")
+    ceiling = decode_ceiling(dataset, args.workers, args.samples, args.batch)
+    results = {"mmdata loader": ours(dataset, args.workers, args.batch, args.samples),
+               "plain webdataset": plain_webdataset(dataset, args.workers, args.batch, args.samples),
+               "loose files (map-style)": loose_files(dataset, args.workers, args.batch, args.samples, scratch)}
     ours_rate = results["mmdata loader"]
     print(f"decode ceiling (1 process x {args.workers}): {ceiling:.0f} samples/s")
     for name, value in results.items():

@@ -48,6 +48,10 @@ class AugmentConfig:
     mel_time_masks: int = 0             # SpecAugment: number of time masks
     mel_time_width: int = 20            # max width of each (frames)
 
+    @property
+    def active(self) -> bool:
+        return self.image_crop or self.image_flip or self.mel_freq_masks > 0 or self.mel_time_masks > 0
+
     def validate(self) -> None:
         for key in ("crop_scale", "crop_ratio"):
             require(len(getattr(self, key)) == 2, key, f"must be [low, high]; got {getattr(self, key)}")
@@ -69,7 +73,7 @@ class DecodeError(Exception):
         self.member = member
 
 
-def decode_sample(members: dict[str, bytes], augment: AugmentConfig, rng: np.random.Generator) -> dict:
+def decode_sample(members: dict[str, bytes], augment: AugmentConfig, rng: np.random.Generator | None) -> dict:
     """Decode the members that were read into arrays, then augment them with ``rng`` only.
 
     ``members`` maps extension -> bytes; a modality whose member is absent
@@ -87,9 +91,9 @@ def decode_sample(members: dict[str, bytes], augment: AugmentConfig, rng: np.ran
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     image = _decode_member(members, image_ext, sample_id, _decode_image) if image_ext else None
     mel = _decode_member(members, MEL, sample_id, _decode_mel)
-    if image is not None:
+    if augment.active and image is not None:
         image = augment_image(image, augment, rng)
-    if mel is not None:
+    if augment.active and mel is not None:
         mel = augment_mel(mel, augment, rng)
     return {"id": sample_id, "label": label, "tokens": tokens, "image": image, "mel": mel}
 
@@ -129,7 +133,8 @@ def _decode_label(data: bytes) -> int:
 
 # The header np.save writes for plain numeric arrays. Parsing it with a regex instead of
 # numpy's ast-based reader is several times faster, and only plain numeric dtypes pass.
-_NPY_HEADER = re.compile(rb"\{'descr': '([<|][iuf][1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<|][iuf][1248])', 'fortran_order': (False|True), 'shape': \(([0-9, ]*)\), \} *\n")
 
 
 def _load_npy(data: bytes) -> np.ndarray:
@@ -139,11 +144,11 @@ def _load_npy(data: bytes) -> np.ndarray:
         length = int.from_bytes(data[8:start], "little")
         header = _NPY_HEADER.fullmatch(bytes(data[start:start + length]))
         if header:
-            shape = tuple(int(n) for n in header.group(2).split(b",") if n.strip())
+            shape = tuple(int(n) for n in header.group(3).split(b",") if n.strip())
             count = math.prod(shape)
             array = np.frombuffer(data, np.dtype(header.group(1).decode()), count=count, offset=start + length)
-            return array.reshape(shape)
-    # anything else (fortran order, other dtypes): numpy's reader, still without pickles
+            return array.reshape(shape, order="F" if header.group(2) == b"True" else "C")
+    # anything else (big-endian, other dtypes): numpy's reader, still without pickles
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 

@@ -30,6 +30,7 @@ from mmdata.decode import MODALITY_MEMBERS, AugmentConfig, DecodeError, collate,
 from mmdata.order import (Layout, Source, batches_in_plan, epoch_plan, mixed_order, plan_length,
                           rank_batch, worker_batches)
 from mmdata.reader import ReadConfig, ShardReader, ShardReadError
+from mmdata.transport import SharedSlots
 
 STATE_VERSION = 1
 MAX_LAYOUTS = 16
@@ -61,6 +62,7 @@ class LoaderConfig:
     prefetch_factor: int = 2
     persistent_workers: bool = True
     pin_memory: bool = True        # only used when CUDA is available
+    worker_transport: str = "shared"  # shared (slots of shared memory, see transport.py) | pickle
     timeout_s: float = 300.0       # a worker producing nothing for this long is an error
     on_error: str = "raise"        # raise | skip (skipped samples are counted per batch)
     read: ReadConfig = field(default_factory=ReadConfig)
@@ -84,6 +86,7 @@ class LoaderConfig:
         require(self.pad_tokens_to is None or self.pad_tokens_to > 0, "pad_tokens_to", "must be positive")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
         require(self.prefetch_factor > 0, "prefetch_factor", "must be positive")
+        require_choice(self.worker_transport, "worker_transport", ("shared", "pickle"))
         require(self.timeout_s >= 0, "timeout_s", "must be >= 0")
         require_choice(self.on_error, "on_error", ("raise", "skip"))
 
@@ -134,16 +137,21 @@ class Plan:
 class EpochBatches(IterableDataset):
     """Yields this rank's batches of the epoch that ``control`` describes, split across workers."""
 
-    def __init__(self, plan: Plan, control: torch.Tensor):
-        self.plan, self.control = plan, control
+    def __init__(self, plan: Plan, control: torch.Tensor, slots: SharedSlots | None = None):
+        self.plan, self.control, self.slots = plan, control, slots
         self.inline_bytes = inline_limit(plan.config.pin_memory and torch.cuda.is_available())
         self._cache: tuple | None = None
         self._reader: ShardReader | None = None
+        self._pid: int | None = None
 
     def __iter__(self):
         epoch, first, layouts = decode_control(self.control)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            if self.slots is not None and info is not None:
+                self.slots.forget_unsent(worker)
         key = (epoch, tuple(layouts))
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.plan.build(epoch, layouts))
@@ -173,6 +181,20 @@ class EpochBatches(IterableDataset):
                         normalize_images=c.normalize_images)
         batch.update(source=torch.tensor(sources, dtype=torch.int64), is_pad=torch.tensor(pads, dtype=torch.bool),
                      epoch=epoch, batch_index=layout.start // layout.global_batch + b, skipped=skipped)
+        return self.pack(batch)
+
+    def pack(self, batch: dict) -> dict:
+        """In a worker: big tensors into a shared slot when one is free, the rest inline (see transport.py)."""
+        info = get_worker_info()
+        if info is None:
+            return batch
+        if self.slots is not None:
+            big = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.nbytes >= SLOT_MIN_BYTES}
+            sent = self.slots.put(info.id, big) if big else None
+            if sent is not None:
+                # keys stay in place (as None) so that the unpacked batch keeps its key order
+                batch = {k: None if k in big else v for k, v in batch.items()}
+                batch[SLOTS_KEY] = sent
         return pack_small_tensors(batch, self.inline_bytes)
 
     def load_sample(self, source: int, row: int, epoch: int, position: int) -> dict:
@@ -185,13 +207,19 @@ class EpochBatches(IterableDataset):
         ranges = [(int(catalog.offsets[e][row]), int(catalog.sizes[e][row])) for e in exts]
         try:
             data = self._reader.read(url, ranges, int(catalog.shard_bytes[shard])) if ranges else []
-            rng = np.random.default_rng([self.plan.config.seed, epoch, position])
-            sample = decode_sample(dict(zip(exts, data)), self.plan.config.augment, rng)
+            augment = self.plan.config.augment
+            # seeded by position, so a resumed or re-sharded run augments each sample identically
+            rng = np.random.default_rng([self.plan.config.seed, epoch, position]) if augment.active else None
+            sample = decode_sample(dict(zip(exts, data)), augment, rng)
         except (DecodeError, ShardReadError) as e:
             raise UnreadableSample(f"{url} sample {key!r}: {e}") from None
         label = int(catalog.label[row])
         sample.update(id=catalog.ids[row].as_py(), label=label if label >= 0 else None)
         return sample
+
+
+SLOT_MIN_BYTES = 4096   # smaller tensors are cheaper pickled inline than placed
+SLOTS_KEY = "_slots"
 
 
 def inline_limit(pinning: bool) -> int:
@@ -203,20 +231,25 @@ def pack_small_tensors(batch: dict, limit: int) -> dict:
     """Tensors under ``limit`` bytes travel from workers as numpy arrays, pickled inline.
 
     A tensor crosses the process boundary as its own shared-memory segment plus a
-    file descriptor; for a batch's dozen masks, labels and even its few-MB image
-    and mel arrays that costs more than copying the bytes through the pipe
-    (measured: +17% samples/s on CPU). When batches are pinned for a GPU, big
+    file descriptor; for a batch's dozen masks and labels that costs more than
+    copying the bytes through the pipe. When batches are pinned for a GPU, big
     tensors stay tensors so the pin-memory thread can pin them.
-    ``unpack_small_tensors`` turns arrays back into tensors (zero-copy).
+    ``unpack`` turns arrays back into tensors (zero-copy).
     """
-    if get_worker_info() is None:
-        return batch
     return {k: v.numpy() if isinstance(v, torch.Tensor) and v.numel() * v.element_size() < limit else v
             for k, v in batch.items()}
 
 
-def unpack_small_tensors(batch: dict) -> dict:
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+def as_is(batch: dict) -> dict:
+    """DataLoader's collate_fn: batches are already collated, and arrays must stay arrays (see above)."""
+    return batch
+
+
+def unpack(batch: dict) -> dict:
+    """A batch as a worker packed it -> tensors only (views of a shared slot where one was used)."""
+    placed = batch.pop(SLOTS_KEY, None) or {}
+    return {k: placed[k] if k in placed else torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+            for k, v in batch.items()}
 
 
 def encode_control(control: torch.Tensor, epoch: int, first: int, layouts: list[Layout]) -> None:
@@ -275,7 +308,7 @@ class MultimodalLoader:
         encode_control(self.control, self.epoch, first, self.layouts)
         if first < len(self):
             for batch in self.dataloader():
-                batch = unpack_small_tensors(batch)
+                batch = unpack(batch)
                 self.consumed += layout.global_batch
                 for source, n in zip(*np.unique(batch["source"].numpy(), return_counts=True)):
                     self.source_counts[int(source)] += int(n)
@@ -288,13 +321,24 @@ class MultimodalLoader:
             c = self.config
             workers = c.num_workers
             self._dataloader = DataLoader(
-                EpochBatches(self.plan, self.control), batch_size=None, num_workers=workers,
+                EpochBatches(self.plan, self.control, self.shared_slots()), batch_size=None, num_workers=workers, collate_fn=as_is,
                 prefetch_factor=c.prefetch_factor if workers else None,
                 persistent_workers=c.persistent_workers and workers > 0,
                 pin_memory=c.pin_memory and torch.cuda.is_available(),
                 timeout=c.timeout_s if workers else 0,
                 multiprocessing_context="fork" if workers and os.name == "posix" else None)
         return self._dataloader
+
+    def shared_slots(self) -> SharedSlots | None:
+        """Slots for worker -> main transport, or None for pickled batches (see transport.py)."""
+        c = self.config
+        bound = batch_bytes_bound(self.plan)
+        usable = (c.worker_transport == "shared" and c.num_workers > 0 and c.persistent_workers
+                  and os.name == "posix" and bound > 0)
+        # Persistent workers only: with fresh workers per epoch, two sets with the same worker ids
+        # could be alive at once. Slots: each batch a worker may have in flight, one being written,
+        # and two the caller may still hold.
+        return SharedSlots(c.num_workers, c.prefetch_factor + 3, bound) if usable else None
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (state_dict/load_state_dict for mid-epoch)."""
@@ -327,6 +371,24 @@ class MultimodalLoader:
         if self._dataloader is not None and self._dataloader._iterator is not None:
             self._dataloader._iterator._shutdown_workers()
         self._dataloader = None
+
+
+def batch_bytes_bound(plan: Plan) -> int:
+    """An upper bound on the bytes of one batch's big tensors, from the datasets' configs and index.
+
+    0 when a dataset does not say (then batches are pickled).
+    """
+    c, b = plan.config, plan.config.batch_size
+    try:
+        side = max(int(cat.description["config"]["image"]["size"]) for cat in plan.catalogs)
+        n_mels = max(int(cat.description["config"]["audio"]["n_mels"]) for cat in plan.catalogs)
+    except (KeyError, TypeError, ValueError):
+        return 0
+    longest = lambda column: max((int(column(cat).max(initial=0)) for cat in plan.catalogs), default=0)  # noqa: E731
+    tokens = c.pad_tokens_to or max(longest(lambda cat: cat.n_tokens), 1)
+    frames = max(longest(lambda cat: cat.audio_frames), 1)
+    pixel_bytes = 4 if c.normalize_images else 1
+    return b * (tokens * 9 + 3 * side * side * pixel_bytes + frames * (n_mels * 2 + 1)) + 16 * 64 + 4096
 
 
 def make_source(catalog: Catalog, weight: float, config: LoaderConfig) -> Source:

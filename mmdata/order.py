@@ -47,12 +47,16 @@ def mixed_order(sources: list[Source], seed: int, epoch: int, shuffle: bool, win
                 length: int) -> tuple[np.ndarray, np.ndarray]:
     """(source index, position in that source's rows) for ``length`` draws.
 
-    One source: its order, cut to ``length``. Several: each draw picks a source with
+    One source: its order, cut to ``length`` (or followed by further shuffled
+    passes when ``length`` is longer). Several: each draw picks a source with
     probability proportional to its weight; a source that runs out starts a new
     shuffled pass (so a small, heavily weighted source repeats within an epoch).
     """
     if len(sources) == 1:
-        order = source_order(sources[0], seed, epoch, shuffle, window, 0)[:length]
+        n = len(sources[0].rows)
+        passes = [source_order(sources[0], seed, epoch if p == 0 else epoch * 1_000_003 + p, shuffle, window, 0)
+                  for p in range(max(1, -(-length // n) if n else 1))]
+        order = np.concatenate(passes)[:length]
         return np.zeros(len(order), np.int64), order
     weights = np.array([s.weight for s in sources], float)
     pick = np.random.default_rng([seed, epoch, 2]).choice(len(sources), size=length, p=weights / weights.sum())

@@ -36,7 +36,7 @@ def loader_config(*datasets: str, **overrides):
     from mmdata.config import from_dict, validate_tree
     from mmdata.loader import LoaderConfig
     data = {"datasets": [{"path": str(d)} for d in datasets], "batch_size": 4, "num_workers": 0,
-            "shuffle_window": 3, "persistent_workers": False}
+            "shuffle_window": 3}
     data.update(overrides)
     config = from_dict(LoaderConfig, data)
     validate_tree(config)
@@ -68,7 +68,7 @@ def experiment_config(dataset: str, run_dir, *overrides: str):
     from mmdata.config import load_config
     from mmtrain.config import ExperimentConfig
     base = [f"data.dataset={dataset}", f"train.run_dir={run_dir}", "data.eval_fraction=0.2",
-            "data.loader.batch_size=8", "data.loader.num_workers=0", "data.loader.persistent_workers=false",
+            "data.loader.batch_size=8", "data.loader.num_workers=0",
             "model.dim=32", "model.heads=2", "model.embed_dim=32", "model.patch_size=8",
             "model.text_layers=1", "model.image_layers=1", "model.audio_layers=1", "model.fusion_layers=1",
             "optim.lr=0.003", "optim.warmup_steps=2", "train.steps=20", "train.eval_every=0",

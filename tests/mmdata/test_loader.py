@@ -117,6 +117,17 @@ def test_elastic_resume_yields_each_remaining_sample_once(demo_dataset, new_worl
     assert len(rest) == remaining - remaining % (new_batch * new_world)
 
 
+def test_an_epoch_longer_than_the_dataset_takes_further_shuffled_passes(demo_dataset):
+    ids = sorted(all_ids(demo_dataset))
+    loader = MultimodalLoader(loader_config(demo_dataset, samples_per_epoch=120, batch_size=4, num_workers=0))
+    seen = [i for b in batch_ids(loader) for i in b]
+    assert len(seen) == 120
+    assert sorted(seen[:48]) == ids and sorted(seen[48:96]) == ids    # whole passes, each a permutation
+    assert seen[48:96] != seen[:48]                                   # and each pass shuffled anew
+    normal = [i for b in batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=0))) for i in b]
+    assert seen[:48] == normal                                        # the first pass is the usual epoch
+
+
 def test_mixing_follows_the_weights_and_counts_sources(demo_dataset, tmp_path):
     other = tmp_path / "copy"
     shutil.copytree(demo_dataset, other)

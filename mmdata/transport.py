@@ -1,0 +1,133 @@
+"""Batches from DataLoader workers to the main process through slots of one shared mapping.
+
+DataLoader's own transport pickles what a worker returns: tensors become one
+/dev/shm segment each (plus a file descriptor sent over a socket), arrays are
+copied through a pipe. Both cost the main process time per batch, and on a
+busy machine the main process is the one the training loop needs.
+
+Here each worker owns a few fixed slots in one anonymous shared mapping that
+the main process creates *before* it forks the workers. A worker copies a
+batch's big tensors into a free slot and sends only their layout (a few
+hundred bytes). Unpickling that layout in the main process returns tensors
+that are views of the slot: no copy, no file descriptors. The slot is free
+again once every such tensor is garbage collected (a finaliser clears its
+state byte); a worker that finds none of its slots free sends the batch
+inline instead, so a caller that holds on to batches never blocks a worker.
+
+There is no file, so nothing can be left behind when a process is killed, and
+the mapping does not count against a container's /dev/shm size. It needs the
+``fork`` start method; the loader falls back to inline batches otherwise.
+
+Slot states: FREE (a worker may write it), SENT (written, its message in
+flight), HELD (the main process has made tensors of it). Workers only move
+FREE -> SENT; the main process moves SENT -> HELD -> FREE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FREE, SENT, HELD = 0, 1, 2
+ALIGN = 64
+
+# this process's mappings by id (inherited by forked workers); weak, so a dropped loader frees its mapping
+_SLOTS: "weakref.WeakValueDictionary[int, SharedSlots]" = weakref.WeakValueDictionary()
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Placed:
+    """One tensor in a slot: its name, numpy dtype string, shape and byte offset."""
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+
+class SlotBatch:
+    """What a worker sends: which slot, and where each tensor is in it. Unpickles into tensors."""
+
+    def __init__(self, slots_id: int, slot: int, placed: list[Placed]):
+        self.slots_id, self.slot, self.placed = slots_id, slot, placed
+
+    def __reduce__(self):
+        return attach, (self.slots_id, self.slot, self.placed)
+
+
+class SharedSlots:
+    """``slots_per_worker`` slots of ``slot_bytes`` for each of ``workers`` workers."""
+
+    def __init__(self, workers: int, slots_per_worker: int, slot_bytes: int):
+        self.workers, self.slots_per_worker = workers, slots_per_worker
+        self.slot_bytes = -(-slot_bytes // ALIGN) * ALIGN
+        n = workers * slots_per_worker
+        self.header = -(-n // ALIGN) * ALIGN
+        # Anonymous and MAP_SHARED: shared with every process forked after this, freed with the last of them.
+        # Pages are only allocated when first written, and slots are used lowest first.
+        self.mapping = mmap.mmap(-1, self.header + n * self.slot_bytes)
+        self.state = np.frombuffer(self.mapping, np.uint8, count=n)
+        self.id = next(_ids)
+        _SLOTS[self.id] = self
+
+    def worker_slots(self, worker: int) -> range:
+        return range(worker * self.slots_per_worker, (worker + 1) * self.slots_per_worker)
+
+    def forget_unsent(self, worker: int) -> None:
+        """In a freshly started worker: slots its predecessor marked SENT were never received."""
+        for slot in self.worker_slots(worker):
+            if self.state[slot] == SENT:
+                self.state[slot] = FREE
+
+    def put(self, worker: int, tensors: dict[str, torch.Tensor]) -> SlotBatch | None:
+        """Copy ``tensors`` into a free slot of ``worker``; None when none is free or they don't fit."""
+        placed, end = [], 0
+        for key, tensor in tensors.items():
+            try:
+                dtype = np.dtype(torch.empty(0, dtype=tensor.dtype).numpy().dtype).str
+            except TypeError:  # a dtype numpy lacks (bfloat16): not for this transport
+                return None
+            offset = -(-end // ALIGN) * ALIGN
+            placed.append(Placed(key, dtype, tuple(tensor.shape), offset))
+            end = offset + tensor.numel() * tensor.element_size()
+        if end > self.slot_bytes:
+            return None
+        slot = next((s for s in self.worker_slots(worker) if self.state[s] == FREE), None)
+        if slot is None:
+            return None
+        self.state[slot] = SENT
+        base = self.header + slot * self.slot_bytes
+        for p, tensor in zip(placed, tensors.values()):
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes:
+                out = torch.frombuffer(self.mapping, dtype=torch.uint8, count=nbytes, offset=base + p.offset)
+                out.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        return SlotBatch(self.id, slot, placed)
+
+    def view(self, slot: int, placed: list[Placed]) -> dict[str, torch.Tensor]:
+        """Tensors over ``slot``; the slot is FREE again when the last of them is collected."""
+        self.state[slot] = HELD
+        whole = np.frombuffer(self.mapping, np.uint8, count=self.slot_bytes, offset=self.header + slot * self.slot_bytes)
+        # numpy views keep ``whole`` (not just the mapping) alive, so the finaliser waits for all of them
+        weakref.finalize(whole, self.release, slot)
+        out = {}
+        for p in placed:
+            dtype = np.dtype(p.dtype)
+            count = int(np.prod(p.shape, dtype=np.int64))
+            out[p.key] = torch.from_numpy(whole[p.offset: p.offset + count * dtype.itemsize].view(dtype).reshape(p.shape))
+        return out
+
+    def release(self, slot: int) -> None:
+        self.state[slot] = FREE
+
+    def in_use(self) -> int:
+        return int((self.state != FREE).sum())
+
+
+def attach(slots_id: int, slot: int, placed: list[Placed]) -> dict[str, torch.Tensor]:
+    return _SLOTS[slots_id].view(slot, placed)
