@@ -121,7 +121,7 @@ def _json_label(meta: dict, sample_id: str) -> int | None:
 
 
 def _decode_json(data: bytes) -> dict:
-    meta = json.loads(data)
+    meta = json.loads(bytes(data))
     if not isinstance(meta, dict):
         raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
     return meta

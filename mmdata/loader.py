@@ -134,6 +134,19 @@ class Plan:
         return plan, which, rows
 
 
+@dataclass
+class SampleRef:
+    """One sample's place: its shard and the byte ranges of the members to read."""
+    source: int
+    row: int
+    url: str
+    shard_bytes: int
+    exts: list[str]
+    ranges: list[tuple[int, int]]
+    id: str
+    label: int | None
+
+
 class EpochBatches(IterableDataset):
     """Yields this rank's batches of the epoch that ``control`` describes, split across workers."""
 
@@ -143,6 +156,7 @@ class EpochBatches(IterableDataset):
         self._cache: tuple | None = None
         self._reader: ShardReader | None = None
         self._pid: int | None = None
+        self._members: dict[int, list] = {}
 
     def __iter__(self):
         epoch, first, layouts = decode_control(self.control)
@@ -164,17 +178,18 @@ class EpochBatches(IterableDataset):
 
     def make_batch(self, epoch: int, b: int, layout: Layout, plan, which, rows) -> dict:
         positions = rank_batch(layout, b, self.plan.rank)
+        draws = plan[positions]
         samples, sources, pads, skipped = [], [], [], []
-        for position in positions:
-            draw = plan[position]
+        for ref, position, source in zip(self.sample_refs(which[draws], rows[draws]), positions.tolist(),
+                                         which[draws].tolist()):
             try:
-                samples.append(self.load_sample(int(which[draw]), int(rows[draw]), epoch, int(position)))
+                samples.append(self.load_sample(ref, epoch, position))
             except UnreadableSample as e:
                 if self.plan.config.on_error == "raise":
                     raise LoaderError(str(e)) from None
                 skipped.append(str(e))
                 continue
-            sources.append(int(which[draw]))
+            sources.append(source)
             pads.append(position >= self.plan.n_draws)
         c = self.plan.config
         batch = collate(samples, pad_id=self.plan.pad_id, pad_tokens_to=c.pad_tokens_to,
@@ -197,25 +212,44 @@ class EpochBatches(IterableDataset):
                 batch[SLOTS_KEY] = sent
         return pack_small_tensors(batch, self.inline_bytes)
 
-    def load_sample(self, source: int, row: int, epoch: int, position: int) -> dict:
-        catalog = self.plan.catalogs[source]
-        exts = [ext for m in self.plan.config.modalities for ext in MODALITY_MEMBERS[m]
-                if catalog.offsets.get(ext) is not None and catalog.offsets[ext][row] >= 0]
-        shard = int(catalog.shard[row])
-        url = catalog.shard_urls[shard]
-        key = catalog.keys[row].as_py()
-        ranges = [(int(catalog.offsets[e][row]), int(catalog.sizes[e][row])) for e in exts]
+    def sample_refs(self, sources: np.ndarray, rows: np.ndarray) -> list["SampleRef"]:
+        """Where each sample's members are, looked up for the whole batch at once (index columns are numpy)."""
+        refs: list[SampleRef | None] = [None] * len(rows)
+        for source in np.unique(sources).tolist():
+            at = np.flatnonzero(sources == source)
+            catalog, picked = self.plan.catalogs[source], rows[at]
+            members = [(ext, offsets[picked].tolist(), sizes[picked].tolist())
+                       for ext, offsets, sizes in self.members(source)]
+            for j, (i, row, shard, sample_id, label) in enumerate(zip(
+                    at.tolist(), picked.tolist(), catalog.shard[picked].tolist(),
+                    catalog.ids.take(picked).to_pylist(), catalog.label[picked].tolist())):
+                present = [(ext, offsets[j], sizes[j]) for ext, offsets, sizes in members if offsets[j] >= 0]
+                refs[i] = SampleRef(source, row, catalog.shard_urls[shard], int(catalog.shard_bytes[shard]),
+                                    [ext for ext, _, _ in present], [(o, n) for _, o, n in present],
+                                    sample_id, label if label >= 0 else None)
+        return refs
+
+    def load_sample(self, ref: "SampleRef", epoch: int, position: int) -> dict:
         try:
-            data = self._reader.read(url, ranges, int(catalog.shard_bytes[shard])) if ranges else []
+            data = self._reader.read(ref.url, ref.ranges, ref.shard_bytes) if ref.ranges else []
             augment = self.plan.config.augment
             # seeded by position, so a resumed or re-sharded run augments each sample identically
             rng = np.random.default_rng([self.plan.config.seed, epoch, position]) if augment.active else None
-            sample = decode_sample(dict(zip(exts, data)), augment, rng)
+            sample = decode_sample(dict(zip(ref.exts, data)), augment, rng)
         except (DecodeError, ShardReadError) as e:
-            raise UnreadableSample(f"{url} sample {key!r}: {e}") from None
-        label = int(catalog.label[row])
-        sample.update(id=catalog.ids[row].as_py(), label=label if label >= 0 else None)
+            key = self.plan.catalogs[ref.source].keys[ref.row].as_py()
+            raise UnreadableSample(f"{ref.url} sample {key!r}: {e}") from None
+        sample.update(id=ref.id, label=ref.label)
         return sample
+
+    def members(self, source: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(extension, offsets, sizes) of the members the configured modalities need from ``source``."""
+        if source not in self._members:
+            catalog = self.plan.catalogs[source]
+            self._members[source] = [(ext, catalog.offsets[ext], catalog.sizes[ext])
+                                     for m in self.plan.config.modalities for ext in MODALITY_MEMBERS[m]
+                                     if catalog.offsets.get(ext) is not None]
+        return self._members[source]
 
 
 SLOT_MIN_BYTES = 4096   # smaller tensors are cheaper pickled inline than placed
@@ -310,8 +344,8 @@ class MultimodalLoader:
             for batch in self.dataloader():
                 batch = unpack(batch)
                 self.consumed += layout.global_batch
-                for source, n in zip(*np.unique(batch["source"].numpy(), return_counts=True)):
-                    self.source_counts[int(source)] += int(n)
+                counts = np.bincount(batch["source"].numpy(), minlength=len(self.source_counts))
+                self.source_counts = [a + int(b) for a, b in zip(self.source_counts, counts)]
                 yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
         self.layouts = [Layout(0, self.config.batch_size, self.world_size)]

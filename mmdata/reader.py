@@ -33,6 +33,8 @@ from mmdata.config import require
 MAX_OPEN_FILES = 64
 POOL_THREADS = 4
 MERGE_GAP = 64 * 1024          # members of one sample sit a tar header apart: one request beats several
+Bytes = bytes | memoryview
+ADJACENT = 1024                # less than a tar header + padding apart: neighbouring members, one pread
 DOWNLOAD_CHUNK = 8 * 1024 * 1024
 CACHE_TRIES = 3                # a cached shard evicted by another worker this often means cache_bytes is too small
 
@@ -85,6 +87,17 @@ def merge_ranges(ranges: list[tuple[int, int]], gap: int = MERGE_GAP) -> list[tu
     return [(start, end, indices) for start, end, indices in spans]
 
 
+def read_spans(ranges: list[tuple[int, int]], gap: int, fetch) -> list[Bytes]:
+    """Each range's bytes, fetching merged spans (``fetch(start, end)``) and slicing them without copies."""
+    out: list[Bytes] = [b""] * len(ranges)
+    for start, end, indices in merge_ranges(ranges, gap):
+        span = memoryview(fetch(start, end))
+        for i in indices:
+            offset, size = ranges[i]
+            out[i] = span[offset - start: offset - start + size]
+    return out
+
+
 def cache_name(url: str) -> str:
     """Unique per URL (shards of different datasets share names), still readable when debugging."""
     return hashlib.sha1(url.encode()).hexdigest()[:16] + "-" + url.rstrip("/").rsplit("/", 1)[-1]
@@ -108,9 +121,10 @@ class ShardReader:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._pool: futures.ThreadPoolExecutor | None = None
 
-    def read(self, url: str, ranges: list[tuple[int, int]], shard_bytes: int | None = None) -> list[bytes]:
-        """Bytes of each (offset, size) range of the shard at url. shard_bytes (from dataset.json) lets it
-        detect truncated shards and verify cached downloads."""
+    def read(self, url: str, ranges: list[tuple[int, int]], shard_bytes: int | None = None) -> list[Bytes]:
+        """Bytes of each (offset, size) range of the shard at url (memoryview slices where neighbouring
+        members were read at once). shard_bytes (from dataset.json) detects truncated shards and
+        verifies cached downloads."""
         if shard_bytes is not None:
             for offset, size in ranges:
                 if offset + size > shard_bytes:
@@ -119,7 +133,7 @@ class ShardReader:
                                          f"shard ({worker_name()})")
         if storage.is_local(url):
             fd = self._local_fd(url, shard_bytes)
-            return [pread(fd, url, offset, size) for offset, size in ranges]
+            return read_spans(ranges, ADJACENT, lambda start, end: pread(fd, url, start, end - start))
         if self.config.cache_dir:
             return self._read_cached(url, ranges, shard_bytes)
         return self._read_remote(url, ranges)
@@ -143,7 +157,7 @@ class ShardReader:
             os.close(self._fds.popitem(last=False)[1])
         return fd
 
-    def _read_cached(self, url: str, ranges: list[tuple[int, int]], shard_bytes: int | None) -> list[bytes]:
+    def _read_cached(self, url: str, ranges: list[tuple[int, int]], shard_bytes: int | None) -> list[Bytes]:
         """Serve from the local copy, downloading it first. Opened per read, not kept: an fd held on a shard
         that another worker evicted would keep its disk space in use beyond cache_bytes."""
         path = storage.local_path(self.config.cache_dir) / cache_name(url)
@@ -158,7 +172,7 @@ class ShardReader:
                     self._download(url, path, shard_bytes)   # a stale copy: replace it
                     continue
                 touch(path)
-                return [pread(fd, url, offset, size) for offset, size in ranges]
+                return read_spans(ranges, ADJACENT, lambda start, end: pread(fd, url, start, end - start))
             finally:
                 os.close(fd)
         raise ShardReadError(f"shard {url} was evicted from {self.config.cache_dir} {CACHE_TRIES} times before "
@@ -179,20 +193,18 @@ class ShardReader:
 
     # -- remote range reads
 
-    def _read_remote(self, url: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    def _read_remote(self, url: str, ranges: list[tuple[int, int]]) -> list[Bytes]:
         fs, path = storage.filesystem(url, self.config.storage_options)
-        out = [b""] * len(ranges)
-        for start, end, indices in merge_ranges(ranges):
+
+        def fetch(start: int, end: int) -> bytes:
             data = self._retrying(url, f"byte range [{start}, {end})",
-                                  lambda _, s=start, e=end: fetch_range(fs, path, url, s, e))
+                                  lambda _: fetch_range(fs, path, url, start, end))
             if len(data) != end - start:
                 raise ShardReadError(f"shard {url} is truncated: byte range [{start}, {end}) returned "
                                      f"{len(data)} bytes, expected at least {end} bytes in the shard "
                                      f"({worker_name()})")
-            for i in indices:
-                offset, size = ranges[i]
-                out[i] = data[offset - start: offset - start + size]
-        return out
+            return data
+        return read_spans(ranges, MERGE_GAP, fetch)
 
     def _retrying(self, url: str, what: str, fn):
         """fn(cancel_event) with a timeout per attempt and exponential backoff between attempts.
