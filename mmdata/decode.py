@@ -13,6 +13,7 @@ batch is reproducible from (seed, epoch, position) alone.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -139,29 +140,37 @@ _NPY_HEADER = re.compile(
 
 def _load_npy(data: bytes) -> np.ndarray:
     """A read-only array over ``data``; never unpickles (object arrays raise)."""
-    if data[:8] in (b"\x93NUMPY\x01\x00", b"\x93NUMPY\x02\x00"):
+    if data[:6] == b"\x93NUMPY" and data[6] in (1, 2) and data[7] == 0:
         start = 10 if data[6] == 1 else 12
         length = int.from_bytes(data[8:start], "little")
-        header = _NPY_HEADER.fullmatch(bytes(data[start:start + length]))
-        if header:
-            shape = tuple(int(n) for n in header.group(3).split(b",") if n.strip())
-            count = math.prod(shape)
-            array = np.frombuffer(data, np.dtype(header.group(1).decode()), count=count, offset=start + length)
-            return array.reshape(shape, order="F" if header.group(2) == b"True" else "C")
+        layout = _npy_layout(bytes(data[start:start + length]))
+        if layout:
+            dtype, shape, order, count = layout
+            return np.frombuffer(data, dtype, count=count, offset=start + length).reshape(shape, order=order)
     # anything else (big-endian, other dtypes): numpy's reader, still without pickles
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], str, int] | None:
+    """(dtype, shape, order, count) of a plain numeric header; cached: a dataset has few distinct shapes."""
+    match = _NPY_HEADER.fullmatch(header)
+    if not match:
+        return None
+    shape = tuple(int(n) for n in match.group(3).split(b",") if n.strip())
+    return np.dtype(match.group(1).decode()), shape, "F" if match.group(2) == b"True" else "C", math.prod(shape)
+
+
 def _decode_tokens(data: bytes) -> np.ndarray:
     tokens = _load_npy(data)
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
         raise ValueError(f"expected 1-D integer token ids, got {tokens.dtype} with shape {tokens.shape}")
     return tokens.astype(np.int64)  # a writable copy: torch.from_numpy shares it later
 
 
 def _decode_mel(data: bytes) -> np.ndarray:
     mel = _load_npy(data)
-    if mel.ndim != 2 or not np.issubdtype(mel.dtype, np.floating):
+    if mel.ndim != 2 or mel.dtype.kind != "f":
         raise ValueError(f"expected a 2-D float [n_mels, frames] array, got {mel.dtype} with shape {mel.shape}")
     return mel  # as stored (float16), read-only: collate copies it, SpecAugment copies before masking
 
@@ -243,7 +252,7 @@ def augment_mel(mel: np.ndarray, augment: AugmentConfig, rng: np.random.Generato
 
 
 def collate(samples: list[dict], pad_id: int = 0, pad_tokens_to: int | None = None,
-            normalize_images: bool = False) -> dict:
+            normalize_images: bool = False, empty=np.empty) -> dict:
     """Stack decoded samples into tensors; absent modalities are False in ``has_*``, never fake data.
 
     Keys: ``ids``; ``label`` int64 [B] (-1 where missing) + ``has_label``;
@@ -254,6 +263,9 @@ def collate(samples: list[dict], pad_id: int = 0, pad_tokens_to: int | None = No
     absent images left 0; ``mel`` float16 (the stored precision; move_to makes it float32) [B, n_mels, T] (zero padded) +
     ``mel_mask`` [B, T] + ``has_audio``. A modality absent from the whole
     batch still has its keys, with size-1 trailing dims.
+
+    ``empty(shape, dtype)`` allocates the big arrays (a DataLoader worker
+    passes one that places them in shared memory, see transport.py).
     """
     labels = [s["label"] for s in samples]
     batch = {
@@ -261,18 +273,20 @@ def collate(samples: list[dict], pad_id: int = 0, pad_tokens_to: int | None = No
         "label": torch.tensor([-1 if x is None else x for x in labels], dtype=torch.int64),
         "has_label": torch.tensor([x is not None for x in labels], dtype=torch.bool),
     }
-    batch.update(collate_tokens([s["tokens"] for s in samples], pad_id, pad_tokens_to))
-    batch.update(collate_images([s["image"] for s in samples], normalize_images))
-    batch.update(collate_mels([s["mel"] for s in samples]))
+    batch.update(collate_tokens([s["tokens"] for s in samples], pad_id, pad_tokens_to, empty))
+    batch.update(collate_images([s["image"] for s in samples], normalize_images, empty))
+    batch.update(collate_mels([s["mel"] for s in samples], empty))
     return batch
 
 
-def collate_tokens(seqs: list, pad_id: int, pad_to: int | None) -> dict:
+def collate_tokens(seqs: list, pad_id: int, pad_to: int | None, empty=np.empty) -> dict:
     present = [t is not None for t in seqs]
     longest = max((len(t) for t in seqs if t is not None), default=0)
     length = pad_to if pad_to is not None else max(longest, 1)
-    tokens = np.full((len(seqs), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), length), dtype=bool)
+    tokens = empty((len(seqs), length), np.int64)
+    tokens.fill(pad_id)
+    mask = empty((len(seqs), length), np.bool_)
+    mask.fill(False)
     for i, t in enumerate(seqs):
         if t is not None:
             n = min(len(t), length)
@@ -282,15 +296,17 @@ def collate_tokens(seqs: list, pad_id: int, pad_to: int | None) -> dict:
             "has_text": torch.tensor(present, dtype=torch.bool)}
 
 
-def collate_images(images: list, normalize: bool) -> dict:
+def collate_images(images: list, normalize: bool, empty=np.empty) -> dict:
     present = torch.tensor([x is not None for x in images], dtype=torch.bool)
     shapes = {tuple(x.shape) for x in images if x is not None}
+    h = max((s[1] for s in shapes), default=1)
+    w = max((s[2] for s in shapes), default=1)
+    out = torch.from_numpy(empty((len(images), 3, h, w), np.uint8) if not normalize
+                           else np.empty((len(images), 3, h, w), np.uint8))
     if bool(present.all()) and len(shapes) == 1:
-        out = torch.stack(images)  # the usual case: every image stored at one size
+        torch.stack(images, out=out)  # the usual case: every image stored at one size
     else:
-        h = max((s[1] for s in shapes), default=1)
-        w = max((s[2] for s in shapes), default=1)
-        out = torch.zeros((len(images), 3, h, w), dtype=torch.uint8)
+        out.zero_()
         for i, x in enumerate(images):
             if x is not None:
                 out[i, :, :x.shape[1], :x.shape[2]] = x
@@ -298,18 +314,22 @@ def collate_images(images: list, normalize: bool) -> dict:
         # (x / 255 - mean) / std folded into one multiply-add over the batch.
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        out = out.float().mul_(1 / (255 * std)).sub_(mean / std)
+        pixels = out
+        out = torch.from_numpy(empty(tuple(out.shape), np.float32))
+        out.copy_(pixels).mul_(1 / (255 * std)).sub_(mean / std)
         out[~present] = 0  # absent images stay 0 rather than become a "black image"
     return {"image": out, "has_image": present}
 
 
-def collate_mels(mels: list) -> dict:
+def collate_mels(mels: list, empty=np.empty) -> dict:
     present = [m is not None for m in mels]
     n_mels = max((m.shape[0] for m in mels if m is not None), default=1)
     frames = max((m.shape[1] for m in mels if m is not None), default=1)
     # float16 is the stored precision: sending it as such halves the bytes moved from workers
-    out = np.zeros((len(mels), n_mels, frames), dtype=np.float16)
-    mask = np.zeros((len(mels), frames), dtype=bool)
+    out = empty((len(mels), n_mels, frames), np.float16)
+    out.fill(0)
+    mask = empty((len(mels), frames), np.bool_)
+    mask.fill(False)
     for i, m in enumerate(mels):
         if m is not None:
             out[i, :m.shape[0], :m.shape[1]] = m

@@ -191,26 +191,30 @@ class EpochBatches(IterableDataset):
                 continue
             sources.append(source)
             pads.append(position >= self.plan.n_draws)
-        c = self.plan.config
-        batch = collate(samples, pad_id=self.plan.pad_id, pad_tokens_to=c.pad_tokens_to,
-                        normalize_images=c.normalize_images)
-        batch.update(source=torch.tensor(sources, dtype=torch.int64), is_pad=torch.tensor(pads, dtype=torch.bool),
+        extra = dict(source=torch.tensor(sources, dtype=torch.int64), is_pad=torch.tensor(pads, dtype=torch.bool),
                      epoch=epoch, batch_index=layout.start // layout.global_batch + b, skipped=skipped)
-        return self.pack(batch)
-
-    def pack(self, batch: dict) -> dict:
-        """In a worker: big tensors into a shared slot when one is free, the rest inline (see transport.py)."""
         info = get_worker_info()
-        if info is None:
-            return batch
-        if self.slots is not None:
-            big = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.nbytes >= SLOT_MIN_BYTES}
-            sent = self.slots.put(info.id, big) if big else None
-            if sent is not None:
-                # keys stay in place (as None) so that the unpacked batch keeps its key order
-                batch = {k: None if k in big else v for k, v in batch.items()}
-                batch[SLOTS_KEY] = sent
+        if info is None:   # in the main process: nothing to pack
+            return self.collate(samples, np.empty) | extra
+        # in a worker: collate straight into a shared slot when one is free (see transport.py)
+        writer = self.slots.claim(info.id) if self.slots is not None else None
+        try:
+            batch = self.collate(samples, writer.empty if writer else np.empty) | extra
+            sent = writer.finish(batch) if writer else None
+        except BaseException:
+            if writer:
+                writer.abandon()
+            raise
+        if sent is not None:
+            # keys stay in place (as None) so that the unpacked batch keeps its key order
+            batch = {k: None if any(p.key == k for p in sent.placed) else v for k, v in batch.items()}
+            batch[SLOTS_KEY] = sent
         return pack_small_tensors(batch, self.inline_bytes)
+
+    def collate(self, samples: list[dict], empty) -> dict:
+        c = self.plan.config
+        return collate(samples, pad_id=self.plan.pad_id, pad_tokens_to=c.pad_tokens_to,
+                       normalize_images=c.normalize_images, empty=empty)
 
     def sample_refs(self, sources: np.ndarray, rows: np.ndarray) -> list["SampleRef"]:
         """Where each sample's members are, looked up for the whole batch at once (index columns are numpy)."""
@@ -252,7 +256,6 @@ class EpochBatches(IterableDataset):
         return self._members[source]
 
 
-SLOT_MIN_BYTES = 4096   # smaller tensors are cheaper pickled inline than placed
 SLOTS_KEY = "_slots"
 
 

@@ -6,9 +6,9 @@ copied through a pipe. Both cost the main process time per batch, and on a
 busy machine the main process is the one the training loop needs.
 
 Here each worker owns a few fixed slots in one anonymous shared mapping that
-the main process creates *before* it forks the workers. A worker copies a
-batch's big tensors into a free slot and sends only their layout (a few
-hundred bytes). Unpickling that layout in the main process returns tensors
+the main process creates *before* it forks the workers. A worker collates a
+batch's big tensors straight into a free slot and sends only their layout (a
+few hundred bytes). Unpickling that layout in the main process returns tensors
 that are views of the slot: no copy, no file descriptors. The slot is free
 again once every such tensor is garbage collected (a finaliser clears its
 state byte); a worker that finds none of its slots free sends the batch
@@ -26,6 +26,7 @@ FREE -> SENT; the main process moves SENT -> HELD -> FREE.
 from __future__ import annotations
 
 import itertools
+import math
 import mmap
 import weakref
 from dataclasses import dataclass
@@ -84,30 +85,13 @@ class SharedSlots:
             if self.state[slot] == SENT:
                 self.state[slot] = FREE
 
-    def put(self, worker: int, tensors: dict[str, torch.Tensor]) -> SlotBatch | None:
-        """Copy ``tensors`` into a free slot of ``worker``; None when none is free or they don't fit."""
-        placed, end = [], 0
-        for key, tensor in tensors.items():
-            try:
-                dtype = np.dtype(torch.empty(0, dtype=tensor.dtype).numpy().dtype).str
-            except TypeError:  # a dtype numpy lacks (bfloat16): not for this transport
-                return None
-            offset = -(-end // ALIGN) * ALIGN
-            placed.append(Placed(key, dtype, tuple(tensor.shape), offset))
-            end = offset + tensor.numel() * tensor.element_size()
-        if end > self.slot_bytes:
-            return None
+    def claim(self, worker: int) -> "SlotWriter | None":
+        """A free slot of ``worker`` to build the next batch in, or None when all are in use."""
         slot = next((s for s in self.worker_slots(worker) if self.state[s] == FREE), None)
         if slot is None:
             return None
         self.state[slot] = SENT
-        base = self.header + slot * self.slot_bytes
-        for p, tensor in zip(placed, tensors.values()):
-            nbytes = tensor.numel() * tensor.element_size()
-            if nbytes:
-                out = torch.frombuffer(self.mapping, dtype=torch.uint8, count=nbytes, offset=base + p.offset)
-                out.view(tensor.dtype).view(tensor.shape).copy_(tensor)
-        return SlotBatch(self.id, slot, placed)
+        return SlotWriter(self, slot)
 
     def view(self, slot: int, placed: list[Placed]) -> dict[str, torch.Tensor]:
         """Tensors over ``slot``; the slot is FREE again when the last of them is collected."""
@@ -127,6 +111,45 @@ class SharedSlots:
 
     def in_use(self) -> int:
         return int((self.state != FREE).sum())
+
+
+class SlotWriter:
+    """Allocates arrays inside one claimed slot; ``finish`` turns the batch tensors placed there into a SlotBatch.
+
+    ``empty`` has np.empty's signature, so collate can build the batch in
+    place: no copy after collating, and the slot's pages are already mapped.
+    """
+
+    def __init__(self, slots: SharedSlots, slot: int):
+        self.slots, self.slot, self.end = slots, slot, 0
+        self.start = slots.header + slot * slots.slot_bytes
+        self.arrays: dict[int, int] = {}   # data address -> offset in the slot
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        count = math.prod(shape)
+        offset = -(-self.end // ALIGN) * ALIGN
+        if offset + count * dtype.itemsize > self.slots.slot_bytes:
+            return np.empty(shape, dtype)   # does not fit: travels inline instead
+        array = np.frombuffer(self.slots.mapping, dtype, count=count, offset=self.start + offset).reshape(shape)
+        self.end = offset + count * dtype.itemsize
+        self.arrays[array.ctypes.data] = offset
+        return array
+
+    def finish(self, batch: dict) -> SlotBatch | None:
+        """The layout of ``batch``'s tensors that live in the slot; None (slot freed) when there are none."""
+        placed = []
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.is_contiguous() and value.data_ptr() in self.arrays:
+                dtype = np.dtype(torch.empty(0, dtype=value.dtype).numpy().dtype).str
+                placed.append(Placed(key, dtype, tuple(value.shape), self.arrays[value.data_ptr()]))
+        if not placed:
+            self.abandon()
+            return None
+        return SlotBatch(self.slots.id, self.slot, placed)
+
+    def abandon(self) -> None:
+        self.slots.state[self.slot] = FREE
 
 
 def attach(slots_id: int, slot: int, placed: list[Placed]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import torch
 
 from helpers import loader_config
@@ -23,10 +24,22 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
             assert a[key].dtype == value.dtype and torch.equal(a[key], value), key
 
 
+def put(slots: SharedSlots, worker: int, tensors: dict):
+    """What a worker does: allocate in a claimed slot, fill, finish."""
+    writer = slots.claim(worker)
+    if writer is None:
+        return None
+    placed = {}
+    for key, value in tensors.items():
+        placed[key] = torch.from_numpy(writer.empty(tuple(value.shape), value.numpy().dtype))
+        placed[key].copy_(value)
+    return writer.finish(placed)
+
+
 def test_a_slot_round_trip_gives_equal_tensors_and_frees_the_slot_when_they_are_collected():
     slots = SharedSlots(workers=2, slots_per_worker=2, slot_bytes=1 << 16)
     sent = {"mel": torch.randn(3, 5, 7).half(), "mask": torch.rand(3, 7) > 0.5, "tokens": torch.arange(12).view(3, 4)}
-    ref = slots.put(1, sent)
+    ref = put(slots, 1, sent)
     assert ref is not None and ref.slot in slots.worker_slots(1) and slots.state[ref.slot] == SENT
     received = attach(*ref.__reduce__()[1])             # what unpickling in the main process does
     assert all(torch.equal(received[k], v) and received[k].dtype == v.dtype for k, v in sent.items())
@@ -39,15 +52,17 @@ def test_a_slot_round_trip_gives_equal_tensors_and_frees_the_slot_when_they_are_
     assert slots.state[ref.slot] == FREE and slots.in_use() == 0
 
 
-def test_no_free_slot_or_a_batch_too_big_means_inline_not_waiting():
+def test_no_free_slot_means_inline_not_waiting_and_what_does_not_fit_stays_out():
     slots = SharedSlots(workers=1, slots_per_worker=2, slot_bytes=1024)
-    small = {"x": torch.zeros(100, dtype=torch.uint8)}
-    assert slots.put(0, {"x": torch.zeros(2000, dtype=torch.uint8)}) is None     # does not fit
-    assert slots.put(0, small) is not None and slots.put(0, small) is not None
-    assert slots.put(0, small) is None                                           # both slots in flight
-    assert slots.put(0, {"x": torch.zeros(2, dtype=torch.bfloat16)}) is None      # numpy has no bfloat16
+    writer = slots.claim(0)
+    inside, outside = writer.empty((100,), np.uint8), writer.empty((2000,), np.uint8)   # the second does not fit
+    sent = writer.finish({"a": torch.from_numpy(inside), "b": torch.from_numpy(outside), "c": torch.zeros(3)})
+    assert [p.key for p in sent.placed] == ["a"]                                   # b and c travel inline
+    assert slots.claim(0) is not None and slots.claim(0) is None                    # both slots in flight
     slots.forget_unsent(0)       # a restarted worker: its predecessor's unreceived batches are gone
     assert slots.in_use() == 0
+    nothing = slots.claim(0)
+    assert nothing.finish({"c": torch.zeros(3)}) is None and slots.in_use() == 0    # an unused slot goes back
 
 
 def test_shared_slots_and_pickling_deliver_the_same_batches(demo_dataset):
