@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -273,8 +274,19 @@ def pack_small_tensors(batch: dict, limit: int) -> dict:
     tensors stay tensors so the pin-memory thread can pin them.
     ``unpack`` turns arrays back into tensors (zero-copy).
     """
-    return {k: v.numpy() if isinstance(v, torch.Tensor) and v.numel() * v.element_size() < limit else v
+    return {k: as_array(v) if isinstance(v, torch.Tensor) and v.numel() * v.element_size() < limit else v
             for k, v in batch.items()}
+
+
+class ChannelsLast(NamedTuple):
+    """A channels_last image batch sent as its NHWC array (pickling a permuted array would reorder it)."""
+    nhwc: np.ndarray
+
+
+def as_array(tensor: torch.Tensor) -> np.ndarray | ChannelsLast:
+    if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return ChannelsLast(tensor.permute(0, 2, 3, 1).numpy())
+    return tensor.numpy()
 
 
 def as_is(batch: dict) -> dict:
@@ -285,7 +297,8 @@ def as_is(batch: dict) -> dict:
 def unpack(batch: dict) -> dict:
     """A batch as a worker packed it -> tensors only (views of a shared slot where one was used)."""
     placed = batch.pop(SLOTS_KEY, None) or {}
-    return {k: placed[k] if k in placed else torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+    return {k: placed[k] if k in placed else torch.from_numpy(v) if isinstance(v, np.ndarray)
+            else torch.from_numpy(v.nhwc).permute(0, 3, 1, 2) if isinstance(v, ChannelsLast) else v
             for k, v in batch.items()}
 
 

@@ -44,10 +44,11 @@ _ids = itertools.count(1)
 
 @dataclass(frozen=True)
 class Placed:
-    """One tensor in a slot: its name, numpy dtype string, shape and byte offset."""
+    """One tensor in a slot: its name, numpy dtype string, shape, strides (elements) and byte offset."""
     key: str
     dtype: str
     shape: tuple[int, ...]
+    strides: tuple[int, ...]
     offset: int
 
 
@@ -102,8 +103,8 @@ class SharedSlots:
         out = {}
         for p in placed:
             dtype = np.dtype(p.dtype)
-            count = int(np.prod(p.shape, dtype=np.int64))
-            out[p.key] = torch.from_numpy(whole[p.offset: p.offset + count * dtype.itemsize].view(dtype).reshape(p.shape))
+            flat = torch.from_numpy(whole[p.offset: p.offset + math.prod(p.shape) * dtype.itemsize].view(dtype))
+            out[p.key] = flat.as_strided(p.shape, p.strides)
         return out
 
     def release(self, slot: int) -> None:
@@ -123,7 +124,7 @@ class SlotWriter:
     def __init__(self, slots: SharedSlots, slot: int):
         self.slots, self.slot, self.end = slots, slot, 0
         self.start = slots.header + slot * slots.slot_bytes
-        self.arrays: dict[int, int] = {}   # data address -> offset in the slot
+        self.arrays: dict[int, tuple[int, int]] = {}   # data address -> (offset in the slot, bytes)
 
     def empty(self, shape, dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -133,16 +134,21 @@ class SlotWriter:
             return np.empty(shape, dtype)   # does not fit: travels inline instead
         array = np.frombuffer(self.slots.mapping, dtype, count=count, offset=self.start + offset).reshape(shape)
         self.end = offset + count * dtype.itemsize
-        self.arrays[array.ctypes.data] = offset
+        self.arrays[array.ctypes.data] = offset, count * dtype.itemsize
         return array
 
     def finish(self, batch: dict) -> SlotBatch | None:
         """The layout of ``batch``'s tensors that live in the slot; None (slot freed) when there are none."""
         placed = []
         for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and value.is_contiguous() and value.data_ptr() in self.arrays:
+            if not isinstance(value, torch.Tensor) or value.data_ptr() not in self.arrays:
+                continue
+            offset, nbytes = self.arrays[value.data_ptr()]
+            # the whole array, in any dense order (channels_last images are a permuted view)
+            dense = value.is_contiguous() or (value.ndim == 4 and value.is_contiguous(memory_format=torch.channels_last))
+            if dense and value.numel() * value.element_size() == nbytes:
                 dtype = np.dtype(torch.empty(0, dtype=value.dtype).numpy().dtype).str
-                placed.append(Placed(key, dtype, tuple(value.shape), self.arrays[value.data_ptr()]))
+                placed.append(Placed(key, dtype, tuple(value.shape), tuple(value.stride()), offset))
         if not placed:
             self.abandon()
             return None

@@ -153,6 +153,21 @@ def test_collate_pads_smaller_images_top_left():
     assert batch["image"][0, :, :2, :3].eq(200).all() and batch["image"][0].sum() == 200 * 3 * 2 * 3
 
 
+def test_collated_images_keep_every_pixel_in_place_in_channels_last_memory():
+    from mmdata.decode import IMAGENET_MEAN, IMAGENET_STD, collate_images
+    images = [torch.arange(3 * 4 * 5, dtype=torch.uint8).view(3, 4, 5) + i for i in range(2)]
+    hwc = [x.permute(1, 2, 0).contiguous().permute(2, 0, 1) for x in images]      # how decoders lay pixels out
+    for given in (images, hwc):
+        out = collate_images(given, normalize=False)["image"]
+        assert torch.equal(out, torch.stack(images)) and out.is_contiguous(memory_format=torch.channels_last)
+    padded = collate_images([images[0], None, images[1][:, :2, :3]], normalize=False)["image"]
+    assert torch.equal(padded[0], images[0]) and padded[1].eq(0).all()
+    assert torch.equal(padded[2, :, :2, :3], images[1][:, :2, :3]) and padded[2, :, 2:].eq(0).all()
+    normalized = collate_images([images[0], None], normalize=True)["image"]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(normalized[0], (images[0] / 255 - mean) / std, atol=1e-5) and normalized[1].eq(0).all()
+
+
 def test_collate_batch_without_any_modality_keeps_keys():
     batch = collate([sample("a"), sample("b")])
     assert batch["tokens"].shape == (2, 1) and not batch["tokens_mask"].any()

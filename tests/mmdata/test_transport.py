@@ -69,10 +69,14 @@ def test_shared_slots_and_pickling_deliver_the_same_batches(demo_dataset):
     base = list(MultimodalLoader(loader_config(demo_dataset, num_workers=0)))
     shared = MultimodalLoader(loader_config(demo_dataset, num_workers=2))
     assert shared.dataloader().dataset.slots is not None                           # the default path
-    assert_same_batches(list(shared), base)           # holding every batch: later ones go inline
+    got = list(shared)                                 # holding every batch: later ones go inline
+    assert_same_batches(got, base)
+    assert all(b["image"].is_contiguous(memory_format=torch.channels_last) for b in got)  # as collated, no copy
     pickled = MultimodalLoader(loader_config(demo_dataset, num_workers=2, worker_transport="pickle"))
     assert pickled.dataloader().dataset.slots is None
-    assert_same_batches(list(pickled), base)
+    got = list(pickled)
+    assert_same_batches(got, base)
+    assert all(b["image"].is_contiguous(memory_format=torch.channels_last) for b in got)   # one layout either way
 
 
 def test_slots_come_back_after_epochs_and_abandoned_epochs(demo_dataset):
