@@ -38,7 +38,9 @@ bench-preprocess: $(STAMP)
 
 bench-loader: $(STAMP) data/demo/manifest.jsonl
 	test -e data/datasets/demo/dataset.json || $(VENV)/bin/mmdata preprocess pipelines/demo.yaml
-	$(PY) benchmarks/bench_loader.py $(ARGS)
+	test -e data/datasets/demo224/dataset.json || \
+		$(VENV)/bin/mmdata preprocess pipelines/demo.yaml image.size=224 output.name=demo224
+	$(PY) benchmarks/bench_loader.py --dataset data/datasets/demo --dataset data/datasets/demo224 $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pyflakes mmdata mmtrain tests benchmarks

@@ -1,7 +1,7 @@
 """Benchmark: loader samples/s vs plain webdataset, loose files and the decode ceiling; resume latency.
 
-    make bench-loader                      # demo data, 2 workers
-    python benchmarks/bench_loader.py --dataset data/datasets/demo --workers 2 --batch 64
+    make bench-loader        # the demo dataset at 64 px and at 224 px; cores-1 and cores workers
+    python benchmarks/bench_loader.py --dataset data/datasets/demo --workers 1 2 --batch 64
 
 All four readers decode the same members (tokens, image, mel) with the same
 decode/collate code and the same number of DataLoader workers, in this run,
@@ -137,29 +137,53 @@ def resume_latency(dataset: str, workers: int, batch: int) -> dict[str, float]:
     return out
 
 
+def compare(dataset: str, workers: int, batch: int, samples: int, rounds: int, scratch: Path) -> dict[str, float]:
+    """Median samples/s of each reader over ``rounds`` interleaved rounds (noisy machines drift)."""
+    print(f"\n{Path(dataset).name}: {workers} workers, batch {batch}, {rounds} rounds of {samples} samples per reader")
+    readers = {"decode ceiling": lambda: decode_ceiling(dataset, workers, samples, batch),
+               "mmdata loader": lambda: ours(dataset, workers, batch, samples),
+               "plain webdataset": lambda: plain_webdataset(dataset, workers, batch, samples),
+               "loose files (map-style)": lambda: loose_files(dataset, workers, batch, samples, scratch)}
+    runs: dict[str, list[float]] = {name: [] for name in readers}
+    for _ in range(rounds):
+        for name, run in readers.items():
+            runs[name].append(run())
+    results = {name: float(np.median(values)) for name, values in runs.items()}
+    ceiling = results.pop("decode ceiling")
+    print(f"  decode ceiling (1 process x {workers}) {ceiling:8.0f} samples/s")
+    for name, value in results.items():
+        print(f"  {name:30s} {value:8.0f} samples/s   {value / ceiling:.2f} of ceiling")
+    return {"vs webdataset": results["mmdata loader"] / results["plain webdataset"],
+            "vs ceiling": results["mmdata loader"] / ceiling}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="data/datasets/demo")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--dataset", action="append", help="a dataset directory (repeat for several); "
+                        "default data/datasets/demo")
+    cores = os.cpu_count() or 1
+    parser.add_argument("--workers", type=int, nargs="+", default=sorted({max(1, cores - 1), cores}),
+                        help="worker counts to compare (default: cores - 1, which leaves one for training, "
+                             "and cores)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=30000, help="samples timed per reader")
+    parser.add_argument("--samples", type=int, default=10000, help="samples timed per reader and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each reader's median counts")
     args = parser.parse_args()
-    dataset = str(Path(args.dataset).resolve())
     scratch = Path(tempfile.mkdtemp(prefix="mm-bench-loader-"))
-    print(f"dataset {dataset}; {args.workers} workers; batch {args.batch}; {args.samples} samples timed per reader")
-    ceiling = decode_ceiling(dataset, args.workers, args.samples, args.batch)
-    results = {"mmdata loader": ours(dataset, args.workers, args.batch, args.samples),
-               "plain webdataset": plain_webdataset(dataset, args.workers, args.batch, args.samples),
-               "loose files (map-style)": loose_files(dataset, args.workers, args.batch, args.samples, scratch)}
-    ours_rate = results["mmdata loader"]
-    print(f"decode ceiling (1 process x {args.workers}): {ceiling:.0f} samples/s")
-    for name, value in results.items():
-        print(f"{name:26s} {value:8.0f} samples/s   {value / ceiling:.2f} of ceiling")
-    print(f"mmdata / plain webdataset: {ours_rate / results['plain webdataset']:.2f}x; "
-          f"mmdata / decode ceiling: {ours_rate / ceiling:.2f}")
-    latency = resume_latency(dataset, args.workers, args.batch)
-    print("resume latency (load_state_dict -> first batch): "
-          + ", ".join(f"{k} of epoch {v:.2f} s" for k, v in latency.items()))
+    summary = []
+    for dataset in args.dataset or ["data/datasets/demo"]:
+        dataset = str(Path(dataset).resolve())
+        for workers in args.workers:
+            summary.append((Path(dataset).name, workers,
+                            compare(dataset, workers, args.batch, args.samples, args.rounds,
+                                    scratch / Path(dataset).name)))
+        latency = resume_latency(dataset, args.workers[-1], args.batch)
+        print("  resume latency (load_state_dict -> first batch): "
+              + ", ".join(f"{k} of epoch {v:.2f} s" for k, v in latency.items()))
+    print("\nsummary: mmdata loader samples/s relative to, in the same run,")
+    print(f"  {'dataset':32s} {'workers':>7s} {'plain webdataset':>17s} {'decode ceiling':>15s}")
+    for name, workers, ratios in summary:
+        print(f"  {name:32s} {workers:7d} {ratios['vs webdataset']:16.2f}x {ratios['vs ceiling']:15.2f}")
 
 
 if __name__ == "__main__":
