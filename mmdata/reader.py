@@ -87,17 +87,6 @@ def merge_ranges(ranges: list[tuple[int, int]], gap: int = MERGE_GAP) -> list[tu
     return [(start, end, indices) for start, end, indices in spans]
 
 
-def read_spans(ranges: list[tuple[int, int]], gap: int, fetch) -> list[Bytes]:
-    """Each range's bytes, fetching merged spans (``fetch(start, end)``) and slicing them without copies."""
-    out: list[Bytes] = [b""] * len(ranges)
-    for start, end, indices in merge_ranges(ranges, gap):
-        span = memoryview(fetch(start, end))
-        for i in indices:
-            offset, size = ranges[i]
-            out[i] = span[offset - start: offset - start + size]
-    return out
-
-
 def cache_name(url: str) -> str:
     """Unique per URL (shards of different datasets share names), still readable when debugging."""
     return hashlib.sha1(url.encode()).hexdigest()[:16] + "-" + url.rstrip("/").rsplit("/", 1)[-1]
@@ -122,21 +111,32 @@ class ShardReader:
         self._pool: futures.ThreadPoolExecutor | None = None
 
     def read(self, url: str, ranges: list[tuple[int, int]], shard_bytes: int | None = None) -> list[Bytes]:
-        """Bytes of each (offset, size) range of the shard at url (memoryview slices where neighbouring
-        members were read at once). shard_bytes (from dataset.json) detects truncated shards and
-        verifies cached downloads."""
-        if shard_bytes is not None:
-            for offset, size in ranges:
-                if offset + size > shard_bytes:
-                    raise ShardReadError(f"shard {url}: byte range [{offset}, {offset + size}) lies beyond its "
-                                         f"{shard_bytes} bytes in dataset.json; the index does not match the "
-                                         f"shard ({worker_name()})")
+        """Bytes of each (offset, size) range of the shard at url: memoryview slices of merged spans
+        (see ``merge_gap``). shard_bytes (from dataset.json) detects truncated shards and verifies
+        cached downloads."""
+        out: list[Bytes] = [b""] * len(ranges)
+        for start, end, indices in merge_ranges(ranges, self.merge_gap(url)):
+            span = memoryview(self.read_span(url, start, end, shard_bytes))
+            for i in indices:
+                offset, size = ranges[i]
+                out[i] = span[offset - start: offset - start + size]
+        return out
+
+    def merge_gap(self, url: str) -> int:
+        """Ranges closer than this are read at once: on disk only neighbouring members (so members
+        not asked for are not read), from object storage anything near (a request costs far more)."""
+        return ADJACENT if storage.is_local(url) or self.config.cache_dir else MERGE_GAP
+
+    def read_span(self, url: str, start: int, end: int, shard_bytes: int | None = None) -> bytes:
+        """Bytes [start, end) of the shard at url, in one read (one request when remote)."""
+        if shard_bytes is not None and end > shard_bytes:
+            raise ShardReadError(f"shard {url}: byte range [{start}, {end}) lies beyond its {shard_bytes} bytes "
+                                 f"in dataset.json; the index does not match the shard ({worker_name()})")
         if storage.is_local(url):
-            fd = self._local_fd(url, shard_bytes)
-            return read_spans(ranges, ADJACENT, lambda start, end: pread(fd, url, start, end - start))
+            return pread(self._local_fd(url, shard_bytes), url, start, end - start)
         if self.config.cache_dir:
-            return self._read_cached(url, ranges, shard_bytes)
-        return self._read_remote(url, ranges)
+            return self._read_cached(url, start, end, shard_bytes)
+        return self._read_remote(url, start, end)
 
     def close(self) -> None:
         """Release file descriptors and the thread pool; a later read opens them again."""
@@ -157,7 +157,7 @@ class ShardReader:
             os.close(self._fds.popitem(last=False)[1])
         return fd
 
-    def _read_cached(self, url: str, ranges: list[tuple[int, int]], shard_bytes: int | None) -> list[Bytes]:
+    def _read_cached(self, url: str, start: int, end: int, shard_bytes: int | None) -> bytes:
         """Serve from the local copy, downloading it first. Opened per read, not kept: an fd held on a shard
         that another worker evicted would keep its disk space in use beyond cache_bytes."""
         path = storage.local_path(self.config.cache_dir) / cache_name(url)
@@ -172,7 +172,7 @@ class ShardReader:
                     self._download(url, path, shard_bytes)   # a stale copy: replace it
                     continue
                 touch(path)
-                return read_spans(ranges, ADJACENT, lambda start, end: pread(fd, url, start, end - start))
+                return pread(fd, url, start, end - start)
             finally:
                 os.close(fd)
         raise ShardReadError(f"shard {url} was evicted from {self.config.cache_dir} {CACHE_TRIES} times before "
@@ -193,18 +193,14 @@ class ShardReader:
 
     # -- remote range reads
 
-    def _read_remote(self, url: str, ranges: list[tuple[int, int]]) -> list[Bytes]:
+    def _read_remote(self, url: str, start: int, end: int) -> bytes:
         fs, path = storage.filesystem(url, self.config.storage_options)
-
-        def fetch(start: int, end: int) -> bytes:
-            data = self._retrying(url, f"byte range [{start}, {end})",
-                                  lambda _: fetch_range(fs, path, url, start, end))
-            if len(data) != end - start:
-                raise ShardReadError(f"shard {url} is truncated: byte range [{start}, {end}) returned "
-                                     f"{len(data)} bytes, expected at least {end} bytes in the shard "
-                                     f"({worker_name()})")
-            return data
-        return read_spans(ranges, MERGE_GAP, fetch)
+        data = self._retrying(url, f"byte range [{start}, {end})", lambda _: fetch_range(fs, path, url, start, end))
+        if len(data) != end - start:
+            raise ShardReadError(f"shard {url} is truncated: byte range [{start}, {end}) returned "
+                                 f"{len(data)} bytes, expected at least {end} bytes in the shard "
+                                 f"({worker_name()})")
+        return data
 
     def _retrying(self, url: str, what: str, fn):
         """fn(cancel_event) with a timeout per attempt and exponential backoff between attempts.
