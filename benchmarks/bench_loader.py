@@ -40,9 +40,12 @@ def rate(batches, samples: int, warmup: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+NO_AUGMENT = AugmentConfig()
+
+
 def decode_members(sample: dict) -> dict:
     members = {ext: sample[ext] for ext in MEMBERS if ext in sample}
-    out = decode_sample(members, AugmentConfig(), np.random.default_rng(0))
+    out = decode_sample(members, NO_AUGMENT, None)   # no augmentation: no random generator either
     out["id"] = sample.get("__key__", "")
     return out
 

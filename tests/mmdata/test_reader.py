@@ -89,25 +89,36 @@ def test_local_ranges_read_back_exactly(tmp_path):
     assert reader.read(str(path), ranges) == expected   # usable again after close
 
 
-def test_local_keeps_a_bounded_number_of_files_open(tmp_path):
-    reader = ShardReader(ReadConfig())
+@pytest.mark.parametrize("mapped", [True, False])
+def test_local_keeps_a_bounded_number_of_files_open_or_mapped(tmp_path, mapped):
+    reader = ShardReader(ReadConfig(mmap=mapped))
     for i in range(70):
         (tmp_path / f"{i}.tar").write_bytes(DATA)
-        assert reader.read(str(tmp_path / f"{i}.tar"), [(i, 1)]) == [DATA[i:i + 1]]
-    assert len(reader._fds) == 64
+        assert reader.read(str(tmp_path / f"{i}.tar"), [(i, 1), (i + 5, 2)]) == [DATA[i:i + 1], DATA[i + 5:i + 7]]
+    assert (len(reader._maps), len(reader._fds)) == ((64, 0) if mapped else (0, 64))   # a mapping needs no fd
     reader.close()
-    assert not reader._fds
+    assert not reader._fds and not reader._maps
 
 
-def test_truncated_local_shard_names_the_path(tmp_path):
+@pytest.mark.parametrize("mapped", [True, False])
+def test_truncated_local_shard_names_the_path(tmp_path, mapped):
     path = tmp_path / "shard-000001.tar"
     path.write_bytes(DATA[:100])
-    reader = ShardReader(ReadConfig())
+    reader = ShardReader(ReadConfig(mmap=mapped))
     with pytest.raises(ShardReadError, match="truncated") as e:
         reader.read(str(path), [(90, 20)])
     assert str(path) in str(e.value) and "at least 110 bytes" in str(e.value)
     with pytest.raises(ShardReadError, match="truncated"):   # dataset.json's size exposes it even in bounds
-        ShardReader(ReadConfig()).read(str(path), [(0, 10)], shard_bytes=len(DATA))
+        ShardReader(ReadConfig(mmap=mapped)).read(str(path), [(0, 10)], shard_bytes=len(DATA))
+
+
+def test_an_empty_local_file_cannot_be_mapped_and_is_read_normally(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    path.write_bytes(b"")
+    reader = ShardReader(ReadConfig())
+    assert reader.read(str(path), [(0, 0)]) == [b""]
+    with pytest.raises(ShardReadError, match="truncated"):
+        reader.read(str(path), [(0, 1)])
 
 
 def test_missing_local_shard_names_it(tmp_path):
