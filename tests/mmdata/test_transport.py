@@ -79,6 +79,13 @@ def test_shared_slots_and_pickling_deliver_the_same_batches(demo_dataset):
     assert all(b["image"].is_contiguous(memory_format=torch.channels_last) for b in got)   # one layout either way
 
 
+def test_normalised_float_images_travel_through_slots_too(demo_dataset):
+    base = list(MultimodalLoader(loader_config(demo_dataset, num_workers=0, normalize_images=True)))
+    got = list(MultimodalLoader(loader_config(demo_dataset, num_workers=2, normalize_images=True)))
+    assert_same_batches(got, base)
+    assert got[0]["image"].dtype == torch.float32 and got[0]["image"].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_slots_come_back_after_epochs_and_abandoned_epochs(demo_dataset):
     config = loader_config(demo_dataset, num_workers=2, augment={"image_flip": True, "mel_time_masks": 1})
     base = [[b["ids"], b["image"].clone(), b["mel"].clone()] for b in MultimodalLoader(config)]
