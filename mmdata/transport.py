@@ -138,7 +138,7 @@ class SlotWriter:
         return array
 
     def finish(self, batch: dict) -> SlotBatch | None:
-        """The layout of ``batch``'s tensors that live in the slot; None (slot freed) when there are none."""
+        """The layout of ``batch``'s tensors that live in the slot; None (slot freed) when it went unused."""
         placed = []
         for key, value in batch.items():
             if not isinstance(value, torch.Tensor) or value.data_ptr() not in self.arrays:
@@ -149,9 +149,11 @@ class SlotWriter:
             if dense and value.numel() * value.element_size() == nbytes:
                 dtype = np.dtype(torch.empty(0, dtype=value.dtype).numpy().dtype).str
                 placed.append(Placed(key, dtype, tuple(value.shape), tuple(value.stride()), offset))
-        if not placed:
-            self.abandon()
+        if not placed and not self.arrays:
+            self.abandon()   # nothing was written to it
             return None
+        # Even with nothing placed, a slot that was written to is released by the main process after it
+        # received the batch: an inline array could be a view of it, and is pickled only after this returns.
         return SlotBatch(self.slots.id, self.slot, placed)
 
     def abandon(self) -> None:

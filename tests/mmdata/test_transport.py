@@ -63,6 +63,13 @@ def test_no_free_slot_means_inline_not_waiting_and_what_does_not_fit_stays_out()
     assert slots.in_use() == 0
     nothing = slots.claim(0)
     assert nothing.finish({"c": torch.zeros(3)}) is None and slots.in_use() == 0    # an unused slot goes back
+    written = slots.claim(0)
+    part = torch.from_numpy(written.empty((10,), np.uint8))[:5]                    # a view, not the whole array
+    sent = written.finish({"part": part})
+    assert sent.placed == [] and slots.state[sent.slot] == SENT     # part travels inline, pickled later: keep it
+    assert attach(*sent.__reduce__()[1]) == {}
+    gc.collect()
+    assert slots.in_use() == 0                                      # received: free
 
 
 def test_shared_slots_and_pickling_deliver_the_same_batches(demo_dataset):
