@@ -44,6 +44,19 @@ class Catalog:
     def present(self, modality: str) -> int:
         return int(self.has[modality].sum())
 
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        """The ids of ``rows``, sliced straight from the Arrow buffers.
+
+        ``ids.take(rows)`` costs ~10 µs per 64 rows on its own but 200-300 µs inside a loading loop
+        (measured; Arrow's allocator, not the work), which was 4-5% of a worker's time per sample.
+        """
+        ids = self.ids
+        width = np.dtype(np.int64 if pa.types.is_large_string(ids.type) else np.int32)
+        validity, offsets, data = ids.buffers()
+        ends = np.frombuffer(offsets, width, count=len(ids) + 1, offset=ids.offset * width.itemsize)
+        chars = memoryview(data) if data is not None else memoryview(b"")
+        return [str(chars[start:end], "utf-8") for start, end in zip(ends[rows].tolist(), ends[rows + 1].tolist())]
+
 
 def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
     """Read dataset.json and every shard's index file."""

@@ -220,14 +220,15 @@ class EpochBatches(IterableDataset):
     def sample_refs(self, sources: np.ndarray, rows: np.ndarray) -> list["SampleRef"]:
         """Where each sample's members are, looked up for the whole batch at once (index columns are numpy)."""
         refs: list[SampleRef | None] = [None] * len(rows)
-        for source in np.unique(sources).tolist():
-            at = np.flatnonzero(sources == source)
+        groups = ([(0, np.arange(len(rows)))] if len(self.plan.catalogs) == 1
+                  else [(s, np.flatnonzero(sources == s)) for s in np.unique(sources).tolist()])
+        for source, at in groups:
             catalog, picked = self.plan.catalogs[source], rows[at]
             members = [(ext, offsets[picked].tolist(), sizes[picked].tolist())
                        for ext, offsets, sizes in self.members(source)]
             for j, (i, row, shard, sample_id, label) in enumerate(zip(
                     at.tolist(), picked.tolist(), catalog.shard[picked].tolist(),
-                    catalog.ids.take(picked).to_pylist(), catalog.label[picked].tolist())):
+                    catalog.ids_of(picked), catalog.label[picked].tolist())):
                 present = [(ext, offsets[j], sizes[j]) for ext, offsets, sizes in members if offsets[j] >= 0]
                 refs[i] = SampleRef(source, row, catalog.shard_urls[shard], int(catalog.shard_bytes[shard]),
                                     [ext for ext, _, _ in present], [(o, n) for _, o, n in present],

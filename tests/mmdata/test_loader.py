@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -115,6 +118,17 @@ def test_elastic_resume_yields_each_remaining_sample_once(demo_dataset, new_worl
     assert len(rest) == len(set(rest))
     remaining = 48 - len(seen)
     assert len(rest) == remaining - remaining % (new_batch * new_world)
+
+
+@pytest.mark.parametrize("kind", ["string", "large_string"])
+def test_ids_are_sliced_from_the_index_exactly(demo_dataset, kind):
+    from mmdata.catalog import load_catalog
+    catalog = load_catalog(demo_dataset)
+    rows = np.random.default_rng(0).integers(0, len(catalog) - 1, 30)
+    assert catalog.ids_of(rows) == catalog.ids.take(rows).to_pylist()
+    odd = pa.array(["", "é-ü", "x" * 300, "ümlaut"] * 3, getattr(pa, kind)()).slice(2)   # offset, wide chars
+    other = dataclasses.replace(catalog, ids=odd)
+    assert other.ids_of(np.array([0, 1, 3, 9])) == odd.take(np.array([0, 1, 3, 9])).to_pylist()
 
 
 def test_an_epoch_longer_than_the_dataset_takes_further_shuffled_passes(demo_dataset):
