@@ -156,8 +156,10 @@ def compare(dataset: str, workers: int, batch: int, samples: int, rounds: int, s
     print(f"  decode ceiling (1 process x {workers}) {ceiling:8.0f} samples/s")
     for name, value in results.items():
         print(f"  {name:30s} {value:8.0f} samples/s   {value / ceiling:.2f} of ceiling")
-    return {"vs webdataset": results["mmdata loader"] / results["plain webdataset"],
-            "vs ceiling": results["mmdata loader"] / ceiling}
+    # ratios within each round (readers timed next to each other), then their median: robust to drift
+    ratio = lambda a, b: float(np.median(np.array(runs[a]) / np.array(runs[b])))  # noqa: E731
+    return {"vs webdataset": ratio("mmdata loader", "plain webdataset"),
+            "vs ceiling": ratio("mmdata loader", "decode ceiling")}
 
 
 def main() -> None:
@@ -169,8 +171,8 @@ def main() -> None:
                         help="worker counts to compare (default: cores - 1, which leaves one for training, "
                              "and cores)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=10000, help="samples timed per reader and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each reader's median counts")
+    parser.add_argument("--samples", type=int, default=6000, help="samples timed per reader and round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="mm-bench-loader-"))
     summary = []
@@ -183,7 +185,7 @@ def main() -> None:
         latency = resume_latency(dataset, args.workers[-1], args.batch)
         print("  resume latency (load_state_dict -> first batch): "
               + ", ".join(f"{k} of epoch {v:.2f} s" for k, v in latency.items()))
-    print("\nsummary: mmdata loader samples/s relative to, in the same run,")
+    print("\nsummary: mmdata loader samples/s relative to, in the same round (median over rounds),")
     print(f"  {'dataset':32s} {'workers':>7s} {'plain webdataset':>17s} {'decode ceiling':>15s}")
     for name, workers, ratios in summary:
         print(f"  {name:32s} {workers:7d} {ratios['vs webdataset']:16.2f}x {ratios['vs ceiling']:15.2f}")
