@@ -18,6 +18,7 @@ workers can be persistent across epochs and resumes.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -339,6 +340,8 @@ class MultimodalLoader:
         self.source_counts = [0] * len(sources)
         self.control = torch.zeros(3 + 3 * MAX_LAYOUTS, dtype=torch.int64).share_memory_()
         self._dataloader: DataLoader | None = None
+        self._slots_in_use = False
+        self.batches_pickled = 0       # batches that could not use a shared slot (see note_pickled_batch)
 
     @property
     def catalogs(self) -> list[Catalog]:
@@ -359,6 +362,8 @@ class MultimodalLoader:
         encode_control(self.control, self.epoch, first, self.layouts)
         if first < len(self):
             for batch in self.dataloader():
+                if self._slots_in_use and SLOTS_KEY not in batch:
+                    self.note_pickled_batch()
                 batch = unpack(batch)
                 self.consumed += layout.global_batch
                 counts = np.bincount(batch["source"].numpy(), minlength=len(self.source_counts))
@@ -371,14 +376,25 @@ class MultimodalLoader:
         if self._dataloader is None:
             c = self.config
             workers = c.num_workers
+            slots = self.shared_slots()
+            self._slots_in_use = slots is not None
             self._dataloader = DataLoader(
-                EpochBatches(self.plan, self.control, self.shared_slots()), batch_size=None, num_workers=workers, collate_fn=as_is,
+                EpochBatches(self.plan, self.control, slots), batch_size=None, num_workers=workers, collate_fn=as_is,
                 prefetch_factor=c.prefetch_factor if workers else None,
                 persistent_workers=c.persistent_workers and workers > 0,
                 pin_memory=c.pin_memory and torch.cuda.is_available(),
                 timeout=c.timeout_s if workers else 0,
                 multiprocessing_context="fork" if workers and os.name == "posix" else None)
         return self._dataloader
+
+    def note_pickled_batch(self) -> None:
+        """Count, and say once, that a batch came pickled although shared slots are in use."""
+        self.batches_pickled += 1
+        if self.batches_pickled == 1:
+            warnings.warn(f"mmdata loader: a batch came from a worker pickled, not through shared memory: all "
+                          f"{self.config.prefetch_factor + 3} slots of its worker were still in use. The training "
+                          "loop is keeping earlier batches alive (in a list, a queue, a logger); batches stay "
+                          "correct but cost more. loader.batches_pickled counts them.", stacklevel=3)
 
     def shared_slots(self) -> SharedSlots | None:
         """Slots for worker -> main transport, or None for pickled batches (see transport.py)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import numpy as np
+import pytest
 import torch
 
 from helpers import loader_config
@@ -76,8 +77,10 @@ def test_shared_slots_and_pickling_deliver_the_same_batches(demo_dataset):
     base = list(MultimodalLoader(loader_config(demo_dataset, num_workers=0)))
     shared = MultimodalLoader(loader_config(demo_dataset, num_workers=2))
     assert shared.dataloader().dataset.slots is not None                           # the default path
-    got = list(shared)                                 # holding every batch: later ones go inline
+    with pytest.warns(UserWarning, match="keeping earlier batches alive"):
+        got = list(shared)                             # holding every batch: later ones go inline
     assert_same_batches(got, base)
+    assert 0 < shared.batches_pickled < len(got)
     assert all(b["image"].is_contiguous(memory_format=torch.channels_last) for b in got)  # as collated, no copy
     pickled = MultimodalLoader(loader_config(demo_dataset, num_workers=2, worker_transport="pickle"))
     assert pickled.dataloader().dataset.slots is None
@@ -88,7 +91,8 @@ def test_shared_slots_and_pickling_deliver_the_same_batches(demo_dataset):
 
 def test_normalised_float_images_travel_through_slots_too(demo_dataset):
     base = list(MultimodalLoader(loader_config(demo_dataset, num_workers=0, normalize_images=True)))
-    got = list(MultimodalLoader(loader_config(demo_dataset, num_workers=2, normalize_images=True)))
+    with pytest.warns(UserWarning, match="keeping earlier batches alive"):   # list() holds them all
+        got = list(MultimodalLoader(loader_config(demo_dataset, num_workers=2, normalize_images=True)))
     assert_same_batches(got, base)
     assert got[0]["image"].dtype == torch.float32 and got[0]["image"].is_contiguous(memory_format=torch.channels_last)
 
@@ -104,6 +108,7 @@ def test_slots_come_back_after_epochs_and_abandoned_epochs(demo_dataset):
     del batch
     loader.set_epoch(0)
     again = [[b["ids"], b["image"].clone(), b["mel"].clone()] for b in loader]
+    assert loader.batches_pickled == 0                # batches let go of: every one came through a slot
     assert len(again) == len(base)
     assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(again, base))
     gc.collect()
