@@ -99,7 +99,8 @@ def loose_files(dataset: str, workers: int, batch: int, samples: int, scratch: P
             with tarfile.open(shard) as tar:
                 tar.extractall(folder, filter="data")
     files = LooseFiles(folder)
-    sampler = RandomSampler(files, num_samples=samples + 4 * workers * batch, generator=torch.Generator().manual_seed(0))
+    sampler = RandomSampler(files, num_samples=samples + 4 * workers * batch,
+                            generator=torch.Generator().manual_seed(0))
     loader = DataLoader(files, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate)
     return rate(loader, samples, warmup(workers))
 

@@ -4,6 +4,7 @@
     -> rank's slice of each global batch -> worker's round-robin batches
     -> read only the requested members by byte offset                    reader.py
     -> decode + augment (seeded per sample) -> collate (pad + masks)      decode.py
+       straight into a shared-memory slot -> the training loop            transport.py
 
     loader = MultimodalLoader(config)           # rank/world from torch.distributed
     for batch in loader: ...                    # one epoch per `for`
@@ -196,10 +197,14 @@ class EpochBatches(IterableDataset):
         extra = dict(source=torch.tensor(sources, dtype=torch.int64), is_pad=torch.tensor(pads, dtype=torch.bool),
                      epoch=epoch, batch_index=layout.start // layout.global_batch + b, skipped=skipped)
         info = get_worker_info()
-        if info is None:   # in the main process: nothing to pack
+        if info is None:   # in the main process: nothing to send
             return self.collate(samples, np.empty) | extra
-        # in a worker: collate straight into a shared slot when one is free (see transport.py)
-        writer = self.slots.claim(info.id) if self.slots is not None else None
+        return self.packed(samples, extra, info.id)
+
+    def packed(self, samples: list[dict], extra: dict, worker: int) -> dict:
+        """In a worker: the batch collated straight into a free shared slot (see transport.py), the
+        rest (and everything, when no slot is free) as small pickled arrays; ``unpack`` reverses it."""
+        writer = self.slots.claim(worker) if self.slots is not None else None
         try:
             batch = self.collate(samples, writer.empty if writer else np.empty) | extra
             sent = writer.finish(batch) if writer else None

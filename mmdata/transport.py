@@ -97,7 +97,8 @@ class SharedSlots:
     def view(self, slot: int, placed: list[Placed]) -> dict[str, torch.Tensor]:
         """Tensors over ``slot``; the slot is FREE again when the last of them is collected."""
         self.state[slot] = HELD
-        whole = np.frombuffer(self.mapping, np.uint8, count=self.slot_bytes, offset=self.header + slot * self.slot_bytes)
+        start = self.header + slot * self.slot_bytes
+        whole = np.frombuffer(self.mapping, np.uint8, count=self.slot_bytes, offset=start)
         # numpy views keep ``whole`` (not just the mapping) alive, so the finaliser waits for all of them
         weakref.finalize(whole, self.release, slot)
         out = {}
@@ -145,7 +146,8 @@ class SlotWriter:
                 continue
             offset, nbytes = self.arrays[value.data_ptr()]
             # the whole array, in any dense order (channels_last images are a permuted view)
-            dense = value.is_contiguous() or (value.ndim == 4 and value.is_contiguous(memory_format=torch.channels_last))
+            dense = value.is_contiguous() or (value.ndim == 4
+                                              and value.is_contiguous(memory_format=torch.channels_last))
             if dense and value.numel() * value.element_size() == nbytes:
                 dtype = np.dtype(torch.empty(0, dtype=value.dtype).numpy().dtype).str
                 placed.append(Placed(key, dtype, tuple(value.shape), tuple(value.stride()), offset))

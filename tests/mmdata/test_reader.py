@@ -69,7 +69,8 @@ def test_local_reads_join_neighbouring_members_only(demo_dataset):
     from mmdata.catalog import load_catalog
     from mmdata.reader import ADJACENT
     catalog = load_catalog(demo_dataset)
-    row = next(r for r in range(len(catalog)) if all(catalog.offsets[e][r] >= 0 for e in ("tokens.npy", "jpg", "mel.npy")))
+    exts = ("tokens.npy", "jpg", "mel.npy")
+    row = next(r for r in range(len(catalog)) if all(catalog.offsets[e][r] >= 0 for e in exts))
     span = lambda *exts: [(int(catalog.offsets[e][row]), int(catalog.sizes[e][row])) for e in exts]  # noqa: E731
     assert len(merge_ranges(span("tokens.npy", "jpg", "mel.npy"), ADJACENT)) == 1   # one pread per sample
     assert len(merge_ranges(span("tokens.npy", "mel.npy"), ADJACENT)) == 2          # the image is not read
