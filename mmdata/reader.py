@@ -1,8 +1,9 @@
 """Read members of shards by byte range: local files, object stores, or a local cache of remote shards.
 
-    read(url, [(offset, size), ...], shard_bytes)
-      local path / file://  -> cached fd (LRU of 64) + os.pread per range
-      remote, no cache_dir  -> merge nearby ranges -> fs.cat_file(start, end), timed out + retried
+    read(url, [(offset, size), ...], shard_bytes)   -> ranges merged into spans, one read_span each
+      local path / file://  -> neighbouring members only; a read-only mapping (LRU of 64) sliced,
+                               or os.pread where the filesystem cannot map
+      remote, no cache_dir  -> ranges within 64 KiB merged -> fs.cat_file(start, end), timed out + retried
       remote, cache_dir     -> whole shard downloaded once (tmp file + os.replace) -> pread
 
 One ShardReader per DataLoader worker: it holds file descriptors and a small
