@@ -54,8 +54,9 @@ def mixed_order(sources: list[Source], seed: int, epoch: int, shuffle: bool, win
     """
     if len(sources) == 1:
         n = len(sources[0].rows)
+        n_passes = max(1, -(-length // n)) if n else 1
         passes = [source_order(sources[0], seed, epoch if p == 0 else epoch * 1_000_003 + p, shuffle, window, 0)
-                  for p in range(max(1, -(-length // n) if n else 1))]
+                  for p in range(n_passes)]
         order = np.concatenate(passes)[:length]
         return np.zeros(len(order), np.int64), order
     weights = np.array([s.weight for s in sources], float)

@@ -25,6 +25,7 @@ FREE -> SENT; the main process moves SENT -> HELD -> FREE.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import mmap
@@ -149,8 +150,7 @@ class SlotWriter:
             dense = value.is_contiguous() or (value.ndim == 4
                                               and value.is_contiguous(memory_format=torch.channels_last))
             if dense and value.numel() * value.element_size() == nbytes:
-                dtype = np.dtype(torch.empty(0, dtype=value.dtype).numpy().dtype).str
-                placed.append(Placed(key, dtype, tuple(value.shape), tuple(value.stride()), offset))
+                placed.append(Placed(key, numpy_dtype(value.dtype), tuple(value.shape), tuple(value.stride()), offset))
         if not placed and not self.arrays:
             self.abandon()   # nothing was written to it
             return None
@@ -160,6 +160,12 @@ class SlotWriter:
 
     def abandon(self) -> None:
         self.slots.state[self.slot] = FREE
+
+
+@functools.lru_cache(maxsize=None)
+def numpy_dtype(dtype: torch.dtype) -> str:
+    """numpy's name for a torch dtype ('<f2'), computed once per dtype rather than per batch."""
+    return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype).str
 
 
 def attach(slots_id: int, slot: int, placed: list[Placed]) -> dict[str, torch.Tensor]:
