@@ -138,16 +138,20 @@ class Plan:
 
 
 @dataclass
-class SampleRef:
-    """One sample's place: its shard and the byte ranges of the members to read."""
-    source: int
-    row: int
-    url: str
-    shard_bytes: int
-    exts: list[str]
-    ranges: list[tuple[int, int]]
-    id: str
-    label: int | None
+class BatchPlaces:
+    """Where a batch's samples are: shard, byte ranges of the members to read, id and label.
+
+    Columns looked up once per batch with numpy; a per-sample object cost more
+    than the lookups themselves (measured).
+    """
+    source: np.ndarray                   # [B] which dataset
+    row: np.ndarray                      # [B] its row in that dataset's catalog
+    url: list[str]                       # the shard
+    shard_bytes: list[int]
+    exts: list[list[str]]                # members to read (requested and present)
+    ranges: list[list[list[int]]]        # their [offset, size]
+    id: list[str]
+    label: list[int | None]
 
 
 class EpochBatches(IterableDataset):
@@ -182,19 +186,20 @@ class EpochBatches(IterableDataset):
     def make_batch(self, epoch: int, b: int, layout: Layout, plan, which, rows) -> dict:
         positions = rank_batch(layout, b, self.plan.rank)
         draws = plan[positions]
-        samples, sources, pads, skipped = [], [], [], []
-        for ref, position, source in zip(self.sample_refs(which[draws], rows[draws]), positions.tolist(),
-                                         which[draws].tolist()):
+        places = self.sample_places(which[draws], rows[draws])
+        samples, kept, skipped = [], [], []
+        for j, position in enumerate(positions.tolist()):
             try:
-                samples.append(self.load_sample(ref, epoch, position))
+                samples.append(self.load_sample(places, j, epoch, position))
             except UnreadableSample as e:
                 if self.plan.config.on_error == "raise":
                     raise LoaderError(str(e)) from None
                 skipped.append(str(e))
                 continue
-            sources.append(source)
-            pads.append(position >= self.plan.n_draws)
-        extra = dict(source=torch.tensor(sources, dtype=torch.int64), is_pad=torch.tensor(pads, dtype=torch.bool),
+            kept.append(j)
+        kept = np.asarray(kept, np.int64)
+        extra = dict(source=torch.from_numpy(places.source[kept].astype(np.int64)),
+                     is_pad=torch.from_numpy(positions[kept] >= self.plan.n_draws),
                      epoch=epoch, batch_index=layout.start // layout.global_batch + b, skipped=skipped)
         info = get_worker_info()
         if info is None:   # in the main process: nothing to send
@@ -223,44 +228,62 @@ class EpochBatches(IterableDataset):
         return collate(samples, pad_id=self.plan.pad_id, pad_tokens_to=c.pad_tokens_to,
                        normalize_images=c.normalize_images, empty=empty)
 
-    def sample_refs(self, sources: np.ndarray, rows: np.ndarray) -> list["SampleRef"]:
-        """Where each sample's members are, looked up for the whole batch at once (index columns are numpy)."""
-        refs: list[SampleRef | None] = [None] * len(rows)
-        groups = ([(0, np.arange(len(rows)))] if len(self.plan.catalogs) == 1
+    def sample_places(self, sources: np.ndarray, rows: np.ndarray) -> BatchPlaces:
+        """Where each sample of a batch is, looked up per dataset for the whole batch (index columns are numpy)."""
+        n = len(rows)
+        places = BatchPlaces(sources, rows, [""] * n, [0] * n, [[]] * n, [[]] * n, [""] * n, [None] * n)
+        groups = ([(0, np.arange(n))] if len(self.plan.catalogs) == 1
                   else [(s, np.flatnonzero(sources == s)) for s in np.unique(sources).tolist()])
         for source, at in groups:
             catalog, picked = self.plan.catalogs[source], rows[at]
-            members = [(ext, offsets[picked].tolist(), sizes[picked].tolist())
-                       for ext, offsets, sizes in self.members(source)]
-            for j, (i, row, shard, sample_id, label) in enumerate(zip(
-                    at.tolist(), picked.tolist(), catalog.shard[picked].tolist(),
-                    catalog.ids_of(picked), catalog.label[picked].tolist())):
-                present = [(ext, offsets[j], sizes[j]) for ext, offsets, sizes in members if offsets[j] >= 0]
-                refs[i] = SampleRef(source, row, catalog.shard_urls[shard], int(catalog.shard_bytes[shard]),
-                                    [ext for ext, _, _ in present], [(o, n) for _, o, n in present],
-                                    sample_id, label if label >= 0 else None)
-        return refs
+            members = self.members(source)
+            names = [ext for ext, _, _ in members]
+            offsets = np.stack([o[picked] for _, o, _ in members], axis=1) if members else np.zeros((len(at), 0))
+            sizes = np.stack([z[picked] for _, _, z in members], axis=1) if members else offsets
+            ranges = np.stack([offsets, sizes], axis=2).tolist()          # [b][member][offset, size]
+            exts = [names] * len(at)
+            present = offsets >= 0
+            for i in np.flatnonzero(~present.all(axis=1)).tolist():   # a member missing (offset -1): skip it
+                keep = present[i].tolist()
+                exts[i] = [e for e, p in zip(names, keep) if p]
+                ranges[i] = [r for r, p in zip(ranges[i], keep) if p]
+            shards = catalog.shard[picked].tolist()
+            columns = {"url": [catalog.shard_urls[s] for s in shards],
+                       "shard_bytes": catalog.shard_bytes[shards].tolist(), "exts": exts, "ranges": ranges,
+                       "id": catalog.ids_of(picked),
+                       "label": [x if x >= 0 else None for x in catalog.label[picked].tolist()]}
+            for name, values in columns.items():
+                if len(groups) == 1:
+                    setattr(places, name, values)
+                else:
+                    column = getattr(places, name)
+                    for i, value in zip(at.tolist(), values):
+                        column[i] = value
+        return places
 
-    def load_sample(self, ref: "SampleRef", epoch: int, position: int) -> dict:
+    def load_sample(self, places: BatchPlaces, j: int, epoch: int, position: int) -> dict:
+        """Sample ``j`` of a batch read and decoded; ``position`` (in the epoch's plan) seeds its augmentation."""
         try:
-            data = self._reader.read(ref.url, ref.ranges, ref.shard_bytes) if ref.ranges else []
+            ranges = places.ranges[j]
+            data = self._reader.read(places.url[j], ranges, places.shard_bytes[j]) if ranges else []
             augment = self.plan.config.augment
             # seeded by position, so a resumed or re-sharded run augments each sample identically
             rng = np.random.default_rng([self.plan.config.seed, epoch, position]) if augment.active else None
-            sample = decode_sample(dict(zip(ref.exts, data)), augment, rng)
+            sample = decode_sample(dict(zip(places.exts[j], data)), augment, rng)
         except (DecodeError, ShardReadError) as e:
-            key = self.plan.catalogs[ref.source].keys[ref.row].as_py()
-            raise UnreadableSample(f"{ref.url} sample {key!r}: {e}") from None
-        sample.update(id=ref.id, label=ref.label)
+            key = self.plan.catalogs[places.source[j]].keys[places.row[j]].as_py()
+            raise UnreadableSample(f"{places.url[j]} sample {key!r}: {e}") from None
+        sample["id"], sample["label"] = places.id[j], places.label[j]
         return sample
 
     def members(self, source: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """(extension, offsets, sizes) of the members the configured modalities need from ``source``."""
+        """(extension, offsets, sizes) of the members the configured modalities need from ``source``,
+        leaving out those no sample has (the other image formats, usually)."""
         if source not in self._members:
             catalog = self.plan.catalogs[source]
             self._members[source] = [(ext, catalog.offsets[ext], catalog.sizes[ext])
                                      for m in self.plan.config.modalities for ext in MODALITY_MEMBERS[m]
-                                     if catalog.offsets.get(ext) is not None]
+                                     if ext in catalog.offsets and bool((catalog.offsets[ext] >= 0).any())]
         return self._members[source]
 
 

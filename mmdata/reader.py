@@ -1,8 +1,8 @@
 """Read members of shards by byte range: local files, object stores, or a local cache of remote shards.
 
     read(url, [(offset, size), ...], shard_bytes)   -> ranges merged into spans, one read_span each
-      local path / file://  -> neighbouring members only; a read-only mapping (LRU of 64) sliced,
-                               or os.pread where the filesystem cannot map
+      local path / file://  -> a read-only mapping (LRU of 64), each range a slice of it;
+                               or neighbouring members in one os.pread where the filesystem cannot map
       remote, no cache_dir  -> ranges within 64 KiB merged -> fs.cat_file(start, end), timed out + retried
       remote, cache_dir     -> whole shard downloaded once (tmp file + os.replace) -> pread
 
@@ -118,6 +118,18 @@ class ShardReader:
         """Bytes of each (offset, size) range of the shard at url: memoryview slices of merged spans
         (see ``merge_gap``). shard_bytes (from dataset.json) detects truncated shards and verifies
         cached downloads."""
+        mapped = self._maps.get(url) if self.config.mmap else None
+        if mapped is not None:
+            # already mapped (the common case, every sample after a shard's first): slices, nothing to merge
+            self._maps.move_to_end(url)
+            views = []
+            for offset, size in ranges:
+                view = mapped[offset: offset + size]
+                if len(view) != size:   # a slice past the end comes back short
+                    raise ShardReadError(f"shard {url}: byte range [{offset}, {offset + size}) lies beyond its "
+                                         f"{len(mapped)} bytes; the index does not match the shard ({worker_name()})")
+                views.append(view)
+            return views
         out: list[Bytes] = [b""] * len(ranges)
         for start, end, indices in merge_ranges(ranges, self.merge_gap(url)):
             span = memoryview(self.read_span(url, start, end, shard_bytes))
