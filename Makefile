@@ -36,10 +36,10 @@ bench-train: $(STAMP) data/demo/manifest.jsonl
 bench-preprocess: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py $(ARGS)
 
+# preprocess reuses shards that are current (seconds) and rebuilds those an older mm wrote
 bench-loader: $(STAMP) data/demo/manifest.jsonl
-	test -e data/datasets/demo/dataset.json || $(VENV)/bin/mmdata preprocess pipelines/demo.yaml
-	test -e data/datasets/demo224/dataset.json || \
-		$(VENV)/bin/mmdata preprocess pipelines/demo.yaml image.size=224 output.name=demo224
+	$(VENV)/bin/mmdata preprocess pipelines/demo.yaml
+	$(VENV)/bin/mmdata preprocess pipelines/demo.yaml image.size=224 output.name=demo224
 	$(PY) benchmarks/bench_loader.py --dataset data/datasets/demo --dataset data/datasets/demo224 $(ARGS)
 
 lint: $(STAMP)

@@ -15,7 +15,7 @@ FORMAT_VERSION = 1
 # Bumped whenever the bytes produced for the same input and config change (a new resampler,
 # encoder settings...). It is part of every fingerprint, so upgraded code never reuses shards
 # that older code wrote differently. FORMAT_VERSION is the reader-facing contract.
-PROCESSING_VERSION = 2
+PROCESSING_VERSION = 3            # 3: mel.npy in C order (was Fortran order)
 
 # Member extensions. Order here is the order members are written in a sample.
 JSON = "json"

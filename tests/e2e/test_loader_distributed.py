@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import batch_ids, free_port, loader_config, make_bucket
+from helpers import batch_ids, loader_config, make_bucket
 from mmdata.loader import MultimodalLoader
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 def test_torchrun_gloo_ranks_get_equal_disjoint_batches_and_resume(demo_dataset, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
-                          f"--master_port={free_port()}", "--master_addr=127.0.0.1",
+                          "--standalone",   # rendezvous on a port torchrun picks: nothing can take it first
                           str(HERE / "loader_rank.py"), demo_dataset, str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from helpers import dataset_files, preprocess_config
+from helpers import dataset_files, free_port, preprocess_config
 from mmdata.config import to_dict
 from mmdata.pipeline import preprocess
 
@@ -33,12 +32,6 @@ def test_local_ray_instance_gives_identical_bytes(demo_dir, tmp_path, reference)
         ray.shutdown()
     assert result.partitions_built == 4
     assert dataset_files(result.dataset) == dataset_files(reference.dataset)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

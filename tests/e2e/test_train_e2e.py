@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import experiment_config, free_port, metrics_lines
+from helpers import experiment_config, metrics_lines
 from mmdata.config import to_dict
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ
 
 def test_two_ddp_ranks_keep_identical_parameters(demo_dataset, tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "--master_addr=127.0.0.1",
+                          "--standalone",   # rendezvous on a port torchrun picks: nothing can take it first
                           str(HERE / "train_rank.py"), demo_dataset, str(tmp_path)],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -98,7 +98,7 @@ def test_the_demo_learns_far_above_chance(tmp_path):
 
 def test_contrastive_gather_survives_uneven_batches_and_missing_modalities(tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "--master_addr=127.0.0.1",
+                          "--standalone",   # rendezvous on a port torchrun picks: nothing can take it first
                           str(HERE / "gather_rank.py"), str(tmp_path)],
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]

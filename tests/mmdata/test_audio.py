@@ -68,6 +68,12 @@ def test_mel_is_float16_npy_loadable_without_pickle():
     assert np.isfinite(mel).all()
 
 
+def test_mel_is_stored_in_c_order_so_loaders_copy_it_contiguously():
+    mel, _, members = run(audio_bytes(sine(440, 0.5)))
+    assert b"'fortran_order': False" in members[MEL][:128]
+    assert mel.flags.c_contiguous
+
+
 def test_silence_is_log_offset():
     mel, _, _ = run(audio_bytes(np.zeros(RATE, np.float32)), log_offset=1e-3)
     assert np.allclose(mel.astype(np.float32), np.log(1e-3), atol=1e-2)

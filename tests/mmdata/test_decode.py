@@ -254,7 +254,7 @@ def test_npy_members_with_lying_headers_or_odd_layouts_are_handled_safely():
         _load_npy(buf.getvalue()[:200])                       # header says 100 ints, bytes hold fewer
     fortran = io.BytesIO()
     np.save(fortran, np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)), allow_pickle=False)
-    assert _load_npy(fortran.getvalue()).tolist() == [[0, 1, 2], [3, 4, 5]]   # how mel is stored
+    assert _load_npy(fortran.getvalue()).tolist() == [[0, 1, 2], [3, 4, 5]]   # how mel was stored before processing version 3
     big_endian = io.BytesIO()
     np.save(big_endian, np.arange(3, dtype=">i4"), allow_pickle=False)
     assert _load_npy(big_endian.getvalue()).tolist() == [0, 1, 2]               # numpy's own reader path
