@@ -113,3 +113,22 @@ def test_slots_come_back_after_epochs_and_abandoned_epochs(demo_dataset):
     assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(again, base))
     gc.collect()
     assert slots.in_use() == 0
+
+
+def test_small_tensors_travel_joined_in_one_buffer_and_come_back_equal_writable_and_in_order():
+    import pickle
+    from mmdata.loader import JOINED_KEY, pack_small_tensors, unpack
+    batch = {"ids": ["a", "b", "c"], "label": torch.tensor([3, -1, 7]), "has_label": torch.tensor([True, False, True]),
+             "mel": torch.randn(3, 4, 5).half(), "big": torch.arange(5000, dtype=torch.int32), "epoch": 2,
+             "image": torch.zeros(3, 5, 4, 3, dtype=torch.uint8).permute(0, 3, 1, 2)}   # channels_last
+    packed = pack_small_tensors(batch, limit=1 << 20)
+    layout, joined = packed[JOINED_KEY]
+    assert [k for k, *_ in layout] == ["label", "has_label", "mel"]              # one buffer for the small ones
+    assert all(offset % 8 == 0 for *_, offset in layout)
+    assert isinstance(packed["big"], np.ndarray)                                # bigger: an array of its own
+    got = unpack(pickle.loads(pickle.dumps(packed)))
+    assert list(got) == list(batch) and got["ids"] == batch["ids"] and got["epoch"] == 2
+    for key in ("label", "has_label", "mel", "big", "image"):
+        assert got[key].dtype == batch[key].dtype and torch.equal(got[key], batch[key]), key
+    assert got["image"].stride() == batch["image"].stride()
+    got["label"][0] = 9   # writable (no read-only buffer behind it)
