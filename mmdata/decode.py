@@ -175,10 +175,31 @@ def _decode_mel(data: bytes) -> np.ndarray:
     return mel  # as stored (float16), read-only: collate copies it, SpecAugment copies before masking
 
 
+def _native_image_op():
+    """torchvision's decoding op itself, or None where this torchvision has none.
+
+    Its Python wrapper ``decode_image`` issues a DeprecationWarning on every call
+    (torchvision 0.29 hands decoding over to TorchCodec, which needs FFmpeg) and
+    logs API usage: together ~5% of a worker's time at 64 px (py-spy). The op is
+    what the wrapper calls; without it the wrapper is used, and Pillow after that.
+    """
+    try:
+        op = torch.ops.image.decode_image
+        op.default   # resolves the op: raises where torchvision's image library is not loaded
+        return op
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_IMAGE_OP = _native_image_op()
+
+
 def _decode_image(data: bytes) -> torch.Tensor:
     """uint8 [3, H, W]: torchvision's native decoders first, Pillow for other formats."""
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        image = (_IMAGE_OP(encoded, ImageReadMode.RGB.value, False) if _IMAGE_OP is not None
+                 else decode_image(encoded, mode=ImageReadMode.RGB))
     except Exception as native_error:  # noqa: BLE001 - e.g. a format torchvision lacks (bmp, tiff)
         try:
             with Image.open(io.BytesIO(data)) as im:

@@ -62,6 +62,22 @@ def test_only_json_gives_none_modalities_and_cls_label_wins():
     assert decode_sample({"json": meta(label=None), "cls": b"7\n"}, NO_AUGMENT, rng())["label"] == 7
 
 
+@pytest.mark.parametrize("native_op", [True, False])
+def test_jpeg_and_png_decode_without_warnings_through_the_op_or_the_public_wrapper(monkeypatch, native_op):
+    import warnings
+    import mmdata.decode as decode
+    assert decode._IMAGE_OP is not None   # this torchvision has the op: the fast path is the one that runs
+    if not native_op:
+        monkeypatch.setattr(decode, "_IMAGE_OP", None)
+    for fmt in ("JPEG", "PNG"):
+        data, pixels = encoded_image(fmt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if native_op else "ignore")   # the wrapper warns on every call
+            image = decode._decode_image(data)
+        assert image.shape == (3, 12, 16) and image.dtype == torch.uint8
+        assert (image.int() - torch.from_numpy(pixels).permute(2, 0, 1).int()).abs().float().mean() < 4
+
+
 def test_pillow_fallback_decodes_formats_torchvision_lacks():
     bmp, pixels = encoded_image("BMP")
     image = decode_sample({"json": meta(), "png": bmp}, NO_AUGMENT, rng())["image"]
