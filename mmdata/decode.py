@@ -140,25 +140,32 @@ _NPY_HEADER = re.compile(
 
 def _load_npy(data: bytes) -> np.ndarray:
     """A read-only array over ``data``; never unpickles (object arrays raise)."""
-    if data[:6] == b"\x93NUMPY" and data[6] in (1, 2) and data[7] == 0:
-        start = 10 if data[6] == 1 else 12
-        length = int.from_bytes(data[8:start], "little")
-        layout = _npy_layout(bytes(data[start:start + length]))
-        if layout:
-            dtype, shape, order, count = layout
-            return np.frombuffer(data, dtype, count=count, offset=start + length).reshape(shape, order=order)
-    # anything else (big-endian, other dtypes): numpy's reader, still without pickles
+    layout = _npy_layout(bytes(data[:NPY_PREFIX]))
+    if layout:
+        dtype, shape, order, count, offset = layout
+        return np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape, order=order)
+    # anything else (big-endian, other dtypes, long headers): numpy's reader, still without pickles
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+# np.save pads magic + version + header to a multiple of 64 bytes: 128 for ordinary arrays, so the
+# first 128 bytes of a member are its whole header (and the cache key: a dataset has few distinct ones).
+NPY_PREFIX = 128
+
+
 @functools.lru_cache(maxsize=4096)
-def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], str, int] | None:
-    """(dtype, shape, order, count) of a plain numeric header; cached: a dataset has few distinct shapes."""
-    match = _NPY_HEADER.fullmatch(header)
+def _npy_layout(prefix: bytes) -> tuple[np.dtype, tuple[int, ...], str, int, int] | None:
+    """(dtype, shape, order, count, data offset) of a plain numeric .npy header, or None."""
+    if prefix[:6] != b"\x93NUMPY" or len(prefix) < 12 or prefix[6] not in (1, 2) or prefix[7] != 0:
+        return None
+    start = 10 if prefix[6] == 1 else 12
+    end = start + int.from_bytes(prefix[8:start], "little")
+    match = _NPY_HEADER.fullmatch(prefix[start:end]) if end <= len(prefix) else None
     if not match:
         return None
     shape = tuple(int(n) for n in match.group(3).split(b",") if n.strip())
-    return np.dtype(match.group(1).decode()), shape, "F" if match.group(2) == b"True" else "C", math.prod(shape)
+    order = "F" if match.group(2) == b"True" else "C"
+    return np.dtype(match.group(1).decode()), shape, order, math.prod(shape), end
 
 
 def _decode_tokens(data: bytes) -> np.ndarray:
