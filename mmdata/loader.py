@@ -320,8 +320,24 @@ def pack_small_tensors(batch: dict, limit: int) -> dict:
         else:
             out[k] = as_array(v) if size is not None and size < limit else v
     if layout:
-        out[JOINED_KEY] = (layout, joined)
+        out[JOINED_KEY] = JoinedTensors(layout, joined)
     return out
+
+
+class JoinedTensors:
+    """A batch's small tensors in one buffer. Unpickles straight into tensors, like a SlotBatch, so
+    DataLoader's pin-memory thread pins them with the rest (it would walk a raw buffer byte by byte)."""
+
+    def __init__(self, layout: list[tuple], joined: bytearray):
+        self.layout, self.joined = layout, joined
+
+    def __reduce__(self):
+        return unjoin, (self.layout, self.joined)
+
+
+def unjoin(layout: list[tuple], joined: bytearray) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.frombuffer(joined, dtype, math.prod(shape), offset).reshape(shape))
+            for key, dtype, shape, offset in layout}
 
 
 class ChannelsLast(NamedTuple):
@@ -343,9 +359,10 @@ def as_is(batch: dict) -> dict:
 def unpack(batch: dict) -> dict:
     """A batch as a worker packed it -> tensors only (views of a shared slot where one was used)."""
     placed = batch.pop(SLOTS_KEY, None) or {}
-    layout, joined = batch.pop(JOINED_KEY, ((), b""))
-    for key, dtype, shape, offset in layout:
-        batch[key] = torch.from_numpy(np.frombuffer(joined, dtype, math.prod(shape), offset).reshape(shape))
+    joined = batch.pop(JOINED_KEY, None) or {}
+    if isinstance(joined, JoinedTensors):   # not through a pickle (it unpickles as a dict of tensors)
+        joined = unjoin(joined.layout, joined.joined)
+    batch.update(joined)
     return {k: placed[k] if k in placed else torch.from_numpy(v) if isinstance(v, np.ndarray)
             else torch.from_numpy(v.nhwc).permute(0, 3, 1, 2) if isinstance(v, ChannelsLast) else v
             for k, v in batch.items()}

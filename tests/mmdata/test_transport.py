@@ -122,7 +122,7 @@ def test_small_tensors_travel_joined_in_one_buffer_and_come_back_equal_writable_
              "mel": torch.randn(3, 4, 5).half(), "big": torch.arange(5000, dtype=torch.int32), "epoch": 2,
              "image": torch.zeros(3, 5, 4, 3, dtype=torch.uint8).permute(0, 3, 1, 2)}   # channels_last
     packed = pack_small_tensors(batch, limit=1 << 20)
-    layout, joined = packed[JOINED_KEY]
+    layout = packed[JOINED_KEY].layout
     assert [k for k, *_ in layout] == ["label", "has_label", "mel"]              # one buffer for the small ones
     assert all(offset % 8 == 0 for *_, offset in layout)
     assert isinstance(packed["big"], np.ndarray)                                # bigger: an array of its own
@@ -132,3 +132,31 @@ def test_small_tensors_travel_joined_in_one_buffer_and_come_back_equal_writable_
         assert got[key].dtype == batch[key].dtype and torch.equal(got[key], batch[key]), key
     assert got["image"].stride() == batch["image"].stride()
     got["label"][0] = 9   # writable (no read-only buffer behind it)
+
+
+def test_with_pinning_every_tensor_of_a_worker_batch_reaches_dataloaders_pin_memory_and_the_slot_comes_back(
+        demo_dataset, monkeypatch):
+    """What DataLoader's pin-memory thread does with a batch from a worker: unpickle it (slot views and
+    the joined small tensors become tensors), then ``pin_memory`` everything it finds. Pinning is a copy
+    (tested here with a stand-in: no CUDA on this machine), so the slot is free again right after."""
+    import pickle
+    from torch.utils.data._utils.pin_memory import pin_memory
+    import torch.utils.data._utils.worker as worker_module
+    from mmdata.loader import EpochBatches, encode_control, unpack
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t.clone()) or pinned[-1])
+    loader = MultimodalLoader(loader_config(demo_dataset, batch_size=8, num_workers=1))
+    slots = loader.shared_slots()
+    dataset = EpochBatches(loader.plan, loader.control, slots)
+    encode_control(loader.control, 0, 0, loader.layouts)
+    monkeypatch.setattr(worker_module, "_worker_info", worker_module.WorkerInfo(id=0, num_workers=1, seed=0,
+                                                                                 dataset=dataset))
+    message = next(iter(dataset))   # built as in a worker: in a slot, small tensors joined
+    assert slots.in_use() == 1
+    batch = unpack(pin_memory(pickle.loads(pickle.dumps(message))))
+    gc.collect()
+    assert slots.in_use() == 0                                      # copied out: the slot is free already
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    assert {"image", "mel", "tokens", "label", "has_image", "source", "is_pad"} <= set(tensors)
+    assert all(any(t is p for p in pinned) for t in tensors.values())   # every tensor went through pin_memory
+    assert len(batch["ids"]) == 8
