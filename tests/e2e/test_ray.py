@@ -34,6 +34,17 @@ def test_local_ray_instance_gives_identical_bytes(demo_dir, tmp_path, reference)
     assert dataset_files(result.dataset) == dataset_files(reference.dataset)
 
 
+WAIT_FOR_NODES = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+deadline = time.monotonic() + 120
+while sum(node["Alive"] for node in ray.nodes()) < int(sys.argv[2]):
+    if time.monotonic() > deadline:
+        sys.exit(f"the Ray cluster at {sys.argv[1]} has fewer than {sys.argv[2]} live nodes after 120 s")
+    time.sleep(0.2)
+"""
+
+
 @pytest.fixture()
 def two_node_cluster():
     """`ray start --head` plus a second node joined to it, on loopback; stopped afterwards."""
@@ -47,6 +58,9 @@ def two_node_cluster():
                        env=env, check=True, capture_output=True, timeout=180)
         subprocess.run([ray_bin, "start", f"--address={address}", *common],
                        env=env, check=True, capture_output=True, timeout=180)
+        # `ray start` returns before the second node has registered; a job started at once can finish on
+        # the head node alone (seen in CI), so wait until the cluster says both nodes are alive
+        subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, "2"], env=env, check=True, timeout=180)
         yield address
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=180)
