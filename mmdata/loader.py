@@ -357,12 +357,9 @@ def as_is(batch: dict) -> dict:
 
 
 def unpack(batch: dict) -> dict:
-    """A batch as a worker packed it -> tensors only (views of a shared slot where one was used)."""
+    """A batch as a worker packed it, once unpickled -> tensors only (views of a shared slot where one was used)."""
     placed = batch.pop(SLOTS_KEY, None) or {}
-    joined = batch.pop(JOINED_KEY, None) or {}
-    if isinstance(joined, JoinedTensors):   # not through a pickle (it unpickles as a dict of tensors)
-        joined = unjoin(joined.layout, joined.joined)
-    batch.update(joined)
+    batch.update(batch.pop(JOINED_KEY, None) or {})   # JoinedTensors unpickled as tensors
     return {k: placed[k] if k in placed else torch.from_numpy(v) if isinstance(v, np.ndarray)
             else torch.from_numpy(v.nhwc).permute(0, 3, 1, 2) if isinstance(v, ChannelsLast) else v
             for k, v in batch.items()}
