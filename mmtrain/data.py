@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+from mmdata import storage
 from mmdata.config import ConfigError, load_config
 from mmdata.dataset import load_description
 from mmdata.loader import DatasetSource, MultimodalLoader
@@ -63,3 +64,25 @@ def eval_loader(config: ExperimentConfig, dataset: str) -> MultimodalLoader:
     loader.num_workers, loader.persistent_workers = min(loader.num_workers, 1), False
     loader.bucket_by = None
     return MultimodalLoader(loader, rank=0, world_size=1)
+
+
+def data_changed_message(checkpoint: str, trained_on: list[str], dataset: str, now: list[str]) -> str:
+    """Why a run cannot resume on rebuilt shards, and the two ways on (its old data, or a new run)."""
+    earlier = [earlier_dataset(dataset, fingerprint) for fingerprint in trained_on]
+    old = (f"data.preprocess=null data.dataset={earlier[0]}" if len(earlier) == 1 and earlier[0]
+           else "data.preprocess=null data.dataset=<that dataset's directory>")
+    return (f"checkpoint {checkpoint} was trained on dataset {', '.join(trained_on)}, but the data is now {dataset} "
+            f"({', '.join(now)}): the shards were rebuilt (the input, the preprocess config or mm's processing "
+            f"version changed), and resuming would continue on other samples. To continue that run on its own "
+            f"data: {old}; to train on the new data: another train.run_dir")
+
+
+def earlier_dataset(dataset: str, fingerprint: str) -> str | None:
+    """The directory preprocessing gave the dataset with ``fingerprint`` (``<name>-<fingerprint[:12]>``, next to
+    ``dataset``), if it is still there."""
+    if not storage.is_local(dataset):
+        return None
+    here = storage.local_path(dataset)
+    name = here.name.rpartition("-")[0]
+    candidate = here.parent / f"{name}-{fingerprint[:12]}"
+    return str(candidate) if name and (candidate / "dataset.json").exists() else None

@@ -22,7 +22,7 @@ from mmdata.config import ConfigError, to_dict
 from mmdata.loader import MultimodalLoader, move_to
 from mmtrain import checkpoint
 from mmtrain.config import ExperimentConfig
-from mmtrain.data import dataset_facts, eval_loader, resolve_dataset, train_loader
+from mmtrain.data import data_changed_message, dataset_facts, eval_loader, resolve_dataset, train_loader
 from mmtrain.distributed import Dist, barrier, mean_over_ranks
 from mmtrain.losses import total_loss
 from mmtrain.model import FusionModel
@@ -131,6 +131,9 @@ def setup(config: ExperimentConfig, d: Dist) -> TrainState:
     found = checkpoint.latest(config.train.run_dir)
     if found is not None:
         saved, meta = checkpoint.load(found)
+        trained_on, now = saved["loader"]["datasets"], [c.description["fingerprint"] for c in loader.catalogs]
+        if trained_on != now:
+            raise ConfigError("train.run_dir", data_changed_message(str(found), trained_on, dataset, now))
         if meta.get("vocab_size") != facts["vocab_size"]:
             raise ConfigError("data", f"checkpoint {found} was trained with vocab size {meta.get('vocab_size')}; "
                               f"this dataset's tokenizer has {facts['vocab_size']}: use another train.run_dir")

@@ -149,3 +149,27 @@ def test_resuming_with_another_tokenizer_fails_before_training(demo_dataset, tmp
     with pytest.raises(ConfigError, match="vocab size") as info:
         train(experiment_config(demo_dataset, tmp_path, "train.steps=4"), setup("cpu"))
     assert info.value.key == "data"
+
+
+def test_resuming_after_the_shards_were_rebuilt_fails_and_names_the_old_dataset(demo_dataset, tmp_path):
+    """A run whose data changed under it (an mm upgrade, a new input) must not resume on other samples."""
+    from pathlib import Path
+    train(experiment_config(demo_dataset, tmp_path, "train.steps=2"), setup("cpu"))
+    path = checkpoint.latest(tmp_path) / "state.pt"
+    state = torch.load(path, weights_only=True)
+    state["loader"]["datasets"] = ["0123456789abcdef"]   # as if trained on shards since rebuilt
+    torch.save(state, path)
+    old = Path(demo_dataset).parent / f"{Path(demo_dataset).name.rpartition('-')[0]}-0123456789ab"
+    for still_there in (False, True):
+        if still_there:
+            old.mkdir()
+            (old / "dataset.json").write_text("{}")
+        try:
+            with pytest.raises(ConfigError, match="0123456789abcdef.*rebuilt") as info:
+                train(experiment_config(demo_dataset, tmp_path, "train.steps=4"), setup("cpu"))
+        finally:
+            if still_there:
+                (old / "dataset.json").unlink()
+                old.rmdir()
+        assert info.value.key == "train.run_dir" and "another train.run_dir" in str(info.value)
+        assert (f"data.dataset={old}" in str(info.value)) == still_there
