@@ -90,6 +90,20 @@ def test_local_ranges_read_back_exactly(tmp_path):
     assert reader.read(str(path), ranges) == expected   # usable again after close
 
 
+def test_a_mapped_shard_serves_later_reads_as_slices_and_names_a_range_past_its_end(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    path.write_bytes(DATA)
+    reader = ShardReader(ReadConfig())
+    reader.read(str(path), [(0, 1)], len(DATA))                   # maps it
+    ranges = [(1000, 24), (3, 0), (0, 10)]
+    views = reader.read(str(path), ranges, len(DATA))
+    assert all(isinstance(v, memoryview) for v in views)                  # slices of the mapping, not copies
+    assert [bytes(v) for v in views] == [DATA[1000:1024], b"", DATA[:10]]
+    with pytest.raises(ShardReadError, match=r"\[1020, 1030\) lies beyond its 1024 bytes") as e:
+        reader.read(str(path), [(0, 4), (1020, 10)], len(DATA))
+    assert str(path) in str(e.value) and "index does not match" in str(e.value)
+
+
 @pytest.mark.parametrize("mapped", [True, False])
 def test_local_keeps_a_bounded_number_of_files_open_or_mapped(tmp_path, mapped):
     reader = ShardReader(ReadConfig(mmap=mapped))
