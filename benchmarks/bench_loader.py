@@ -152,9 +152,10 @@ def compare(dataset: str, workers: int, batch: int, samples: int, rounds: int, s
                "plain webdataset": lambda: plain_webdataset(dataset, workers, batch, samples),
                "loose files (map-style)": lambda: loose_files(dataset, workers, batch, samples, scratch)}
     runs: dict[str, list[float]] = {name: [] for name in readers}
-    for _ in range(rounds):
-        for name, run in readers.items():
-            runs[name].append(run())
+    names = list(readers)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:   # rotated: no reader always goes first
+            runs[name].append(readers[name]())
     results = {name: float(np.median(values)) for name, values in runs.items()}
     ceiling = results.pop("decode ceiling")
     print(f"  decode ceiling (1 process x {workers}) {ceiling:8.0f} samples/s")
