@@ -30,6 +30,11 @@ def load_description(dataset: str, storage_options: dict | None = None) -> dict:
     return description
 
 
+def dataset_dir(root: str, name: str, fingerprint: str) -> str:
+    """Where preprocessing puts the dataset ``name`` with ``fingerprint``: ``<root>/<name>-<fingerprint[:12]>``."""
+    return storage.join(root, f"{name}-{fingerprint[:12]}")
+
+
 def index_url(dataset: str, shard_name: str) -> str:
     return storage.join(dataset, INDEX_DIR, shard_name[: -len(".tar")] + ".parquet")
 

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 from mmdata import storage
 from mmdata.audio import AudioConfig
 from mmdata.config import ConfigError, require, require_choice, to_dict
+from mmdata.dataset import dataset_dir
 from mmdata.image import ImageConfig
 from mmdata.process import Job, is_int_like
 from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, INDEX_DIR, PROCESSING_VERSION,
@@ -181,7 +182,7 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     summaries = run_all(job, iter_partitions(config, scan), scan.rows, config, phases)
     mark = time.perf_counter()
     fingerprint = hashlib.sha256((salt + "".join(s["fingerprint"] for s in summaries)).encode()).hexdigest()[:16]
-    dataset = storage.join(config.output.root, f"{config.output.name}-{fingerprint[:12]}")
+    dataset = dataset_dir(config.output.root, config.output.name, fingerprint)
     totals = add_totals(summaries)
     options = config.output.storage_options
     reused = storage.exists(storage.join(dataset, DATASET_JSON), options)

@@ -6,7 +6,8 @@ import copy
 
 from mmdata import storage
 from mmdata.config import ConfigError, load_config
-from mmdata.dataset import load_description
+from mmdata.dataset import dataset_dir, load_description
+from mmdata.schema import DATASET_JSON
 from mmdata.loader import DatasetSource, MultimodalLoader
 from mmtrain.config import DataConfig, ExperimentConfig
 from mmtrain.distributed import Dist, broadcast_object
@@ -78,11 +79,10 @@ def data_changed_message(checkpoint: str, trained_on: list[str], dataset: str, n
 
 
 def earlier_dataset(dataset: str, fingerprint: str) -> str | None:
-    """The directory preprocessing gave the dataset with ``fingerprint`` (``<name>-<fingerprint[:12]>``, next to
-    ``dataset``), if it is still there."""
+    """The directory preprocessing gave this dataset's name with ``fingerprint`` (next to ``dataset``),
+    if it is still there."""
     if not storage.is_local(dataset):
         return None
-    here = storage.local_path(dataset)
-    name = here.name.rpartition("-")[0]
-    candidate = here.parent / f"{name}-{fingerprint[:12]}"
-    return str(candidate) if name and (candidate / "dataset.json").exists() else None
+    name = load_description(dataset)["config"].get("output", {}).get("name")
+    candidate = dataset_dir(str(storage.local_path(dataset).parent), name, fingerprint) if name else None
+    return candidate if candidate and storage.exists(storage.join(candidate, DATASET_JSON), {}) else None
