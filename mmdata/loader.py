@@ -99,10 +99,6 @@ class LoaderError(Exception):
     """A sample that cannot be loaded (with on_error=raise), naming shard and key."""
 
 
-class UnreadableSample(Exception):
-    """One sample's members cannot be read or decoded; the message names shard URL and key."""
-
-
 def distributed_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -150,7 +146,9 @@ class BatchPlaces:
     url: list[str]                       # the shard
     shard_bytes: list[int]
     exts: list[list[str]]                # members to read (requested and present)
-    ranges: list[list[list[int]]]        # their [offset, size]
+    offsets: list[list[int]]             # their offsets in the shard
+    sizes: list[list[int]]               # and sizes
+    end: list[int]                       # the sample's last byte + 1
     id: list[str]
     label: list[int | None]
 
@@ -188,15 +186,28 @@ class EpochBatches(IterableDataset):
         positions = rank_batch(layout, b, self.plan.rank)
         draws = plan[positions]
         places = self.sample_places(which[draws], rows[draws])
+        reads = self._reader.read_batch(places.url, places.offsets, places.sizes, places.end, places.shard_bytes)
+        config = self.plan.config
+        augment = config.augment
+        augmenting = augment.active
         samples, kept, skipped = [], [], []
-        for j, position in enumerate(positions.tolist()):
+        # one loop, no call per sample but the decoding: this is the per-sample overhead of the loader
+        for j, (position, data) in enumerate(zip(positions.tolist(), reads)):
             try:
-                samples.append(self.load_sample(places, j, epoch, position))
-            except UnreadableSample as e:
-                if self.plan.config.on_error == "raise":
-                    raise LoaderError(str(e)) from None
-                skipped.append(str(e))
+                if isinstance(data, ShardReadError):
+                    raise data
+                # seeded by position, so a resumed or re-sharded run augments each sample identically
+                rng = np.random.default_rng([config.seed, epoch, position]) if augmenting else None
+                sample = decode_sample(dict(zip(places.exts[j], data)), augment, rng)
+            except (DecodeError, ShardReadError) as e:
+                key = self.plan.catalogs[places.source[j]].keys[places.row[j]].as_py()
+                reason = f"{places.url[j]} sample {key!r}: {e}"
+                if config.on_error == "raise":
+                    raise LoaderError(reason) from None
+                skipped.append(reason)
                 continue
+            sample["id"], sample["label"] = places.id[j], places.label[j]
+            samples.append(sample)
             kept.append(j)
         kept = np.asarray(kept, np.int64)
         extra = dict(source=torch.from_numpy(places.source[kept].astype(np.int64)),
@@ -232,25 +243,31 @@ class EpochBatches(IterableDataset):
     def sample_places(self, sources: np.ndarray, rows: np.ndarray) -> BatchPlaces:
         """Where each sample of a batch is, looked up per dataset for the whole batch (index columns are numpy)."""
         n = len(rows)
-        places = BatchPlaces(sources, rows, [""] * n, [0] * n, [[]] * n, [[]] * n, [""] * n, [None] * n)
+        places = BatchPlaces(sources, rows, [""] * n, [0] * n, [[]] * n, [[]] * n, [[]] * n, [0] * n,
+                             [""] * n, [None] * n)
         groups = ([(0, np.arange(n))] if len(self.plan.catalogs) == 1
                   else [(s, np.flatnonzero(sources == s)) for s in np.unique(sources).tolist()])
         for source, at in groups:
             catalog, picked = self.plan.catalogs[source], rows[at]
             members = self.members(source)
             names = [ext for ext, _, _ in members]
-            offsets = np.stack([o[picked] for _, o, _ in members], axis=1) if members else np.zeros((len(at), 0))
-            sizes = np.stack([z[picked] for _, _, z in members], axis=1) if members else offsets
-            ranges = np.stack([offsets, sizes], axis=2).tolist()          # [b][member][offset, size]
-            exts = [names] * len(at)
+            offsets = np.empty((len(at), len(members)), np.int64)
+            sizes = np.empty((len(at), len(members)), np.int64)
+            for m, (_, member_offsets, member_sizes) in enumerate(members):
+                offsets[:, m] = member_offsets[picked]
+                sizes[:, m] = member_sizes[picked]
+            ends = (offsets + sizes).max(axis=1, initial=0).tolist()
             present = offsets >= 0
+            offsets, sizes, exts = offsets.tolist(), sizes.tolist(), [names] * len(at)
             for i in np.flatnonzero(~present.all(axis=1)).tolist():   # a member missing (offset -1): skip it
                 keep = present[i].tolist()
                 exts[i] = [e for e, p in zip(names, keep) if p]
-                ranges[i] = [r for r, p in zip(ranges[i], keep) if p]
+                offsets[i] = [o for o, p in zip(offsets[i], keep) if p]
+                sizes[i] = [z for z, p in zip(sizes[i], keep) if p]
             shards = catalog.shard[picked].tolist()
             columns = {"url": [catalog.shard_urls[s] for s in shards],
-                       "shard_bytes": catalog.shard_bytes[shards].tolist(), "exts": exts, "ranges": ranges,
+                       "shard_bytes": catalog.shard_bytes[shards].tolist(), "exts": exts,
+                       "offsets": offsets, "sizes": sizes, "end": ends,
                        "id": catalog.ids_of(picked),
                        "label": [x if x >= 0 else None for x in catalog.label[picked].tolist()]}
             for name, values in columns.items():
@@ -261,21 +278,6 @@ class EpochBatches(IterableDataset):
                     for i, value in zip(at.tolist(), values):
                         column[i] = value
         return places
-
-    def load_sample(self, places: BatchPlaces, j: int, epoch: int, position: int) -> dict:
-        """Sample ``j`` of a batch read and decoded; ``position`` (in the epoch's plan) seeds its augmentation."""
-        try:
-            ranges = places.ranges[j]
-            data = self._reader.read(places.url[j], ranges, places.shard_bytes[j]) if ranges else []
-            augment = self.plan.config.augment
-            # seeded by position, so a resumed or re-sharded run augments each sample identically
-            rng = np.random.default_rng([self.plan.config.seed, epoch, position]) if augment.active else None
-            sample = decode_sample(dict(zip(places.exts[j], data)), augment, rng)
-        except (DecodeError, ShardReadError) as e:
-            key = self.plan.catalogs[places.source[j]].keys[places.row[j]].as_py()
-            raise UnreadableSample(f"{places.url[j]} sample {key!r}: {e}") from None
-        sample["id"], sample["label"] = places.id[j], places.label[j]
-        return sample
 
     def members(self, source: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(extension, offsets, sizes) of the members the configured modalities need from ``source``,

@@ -138,6 +138,30 @@ class ShardReader:
                 out[i] = span[offset - start: offset - start + size]
         return out
 
+    def read_batch(self, urls: list[str], offsets: list[list[int]], sizes: list[list[int]], ends: list[int],
+                   shard_bytes: list[int]) -> list[list[Bytes] | ShardReadError]:
+        """``read`` for each sample of a batch: its members' bytes, or the ShardReadError its read
+        raised (one bad sample must not fail the batch). ``ends`` is each sample's last byte + 1.
+
+        A sample of a shard that is already mapped (the common case) costs one slice per member
+        and no call: per sample, the calls and checks of ``read`` were ~2% of a worker (measured).
+        """
+        maps = self._maps if self.config.mmap else {}
+        out: list[list[Bytes] | ShardReadError] = []
+        for url, starts, lengths, end, total in zip(urls, offsets, sizes, ends, shard_bytes):
+            mapped = maps.get(url)
+            if mapped is not None and end <= len(mapped):
+                out.append([mapped[o: o + n] for o, n in zip(starts, lengths)])
+                continue
+            try:
+                out.append(self.read(url, list(zip(starts, lengths)), total) if starts else [])
+            except ShardReadError as e:
+                out.append(e)
+        for url in dict.fromkeys(urls):      # least recently used order, once per shard
+            if url in maps:
+                maps.move_to_end(url)
+        return out
+
     def merge_gap(self, url: str) -> int:
         """Ranges closer than this are read at once: on disk only neighbouring members (so members
         not asked for are not read), from object storage anything near (a request costs far more)."""

@@ -104,6 +104,25 @@ def test_a_mapped_shard_serves_later_reads_as_slices_and_names_a_range_past_its_
     assert str(path) in str(e.value) and "index does not match" in str(e.value)
 
 
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_a_batch_read_gives_each_sample_its_members_or_its_own_error(tmp_path, mapped):
+    first, second = tmp_path / "shard-000000.tar", tmp_path / "shard-000001.tar"
+    first.write_bytes(DATA)
+    second.write_bytes(DATA[::-1])
+    reader = ShardReader(ReadConfig(mmap=mapped))
+    samples = [(first, [0, 1000], [10, 24]), (second, [5], [3]), (first, [1020], [10]),   # past the end
+               (second, [], []), (first, [3], [0])]
+    got = reader.read_batch([str(p) for p, _, _ in samples], [o for _, o, _ in samples],
+                            [s for _, _, s in samples], [max([o + s for o, s in zip(os_, ss)], default=0)
+                                                         for _, os_, ss in samples], [len(DATA)] * len(samples))
+    assert [bytes(v) for v in got[0]] == [DATA[:10], DATA[1000:1024]]
+    assert [bytes(v) for v in got[1]] == [DATA[::-1][5:8]]
+    assert isinstance(got[2], ShardReadError) and str(first) in str(got[2]) and "1024 bytes" in str(got[2])
+    assert got[3] == [] and [bytes(v) for v in got[4]] == [b""]
+    assert (str(first) in reader._maps) == mapped      # later samples of it are slices of the mapping
+    assert [bytes(v) for v in reader.read_batch([str(first)], [[0]], [[10]], [10], [len(DATA)])[0]] == [DATA[:10]]
+
 @pytest.mark.parametrize("mapped", [True, False])
 def test_local_keeps_a_bounded_number_of_files_open_or_mapped(tmp_path, mapped):
     reader = ShardReader(ReadConfig(mmap=mapped))
