@@ -184,6 +184,19 @@ def test_collated_images_keep_every_pixel_in_place_in_channels_last_memory():
     assert torch.allclose(normalized[0], (images[0] / 255 - mean) / std, atol=1e-5) and normalized[1].eq(0).all()
 
 
+def test_collating_into_reused_memory_leaves_nothing_of_the_previous_batch():
+    """Workers collate into shared slots that held earlier batches: every byte must be written."""
+    def stale(shape, dtype):
+        return np.full(shape, 7, dtype)
+    for samples in ([sample("a", 1, n_tokens=3, image_hw=(4, 6), frames=5), sample("b", n_tokens=5, frames=2),
+                     sample("c", 0, image_hw=(4, 6))],                                      # one image size
+                    [sample("a", image_hw=(2, 3), frames=3), sample("b"), sample("c", image_hw=(4, 5))]):
+        fresh, reused = collate(samples, pad_id=3), collate(samples, pad_id=3, empty=stale)
+        for key, value in fresh.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(reused[key], value), key
+
+
 def test_collate_batch_without_any_modality_keeps_keys():
     batch = collate([sample("a"), sample("b")])
     assert batch["tokens"].shape == (2, 1) and not batch["tokens_mask"].any()
