@@ -6,11 +6,17 @@ import sys
 import torch
 import torch.distributed as dist
 
+from mmtrain.distributed import cleanup
 from mmtrain.losses import total_loss
 
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
+    losses_and_gradients(out)
+    cleanup()   # after the tensors above are gone: see mmtrain.distributed.cleanup
+
+
+def losses_and_gradients(out: str) -> None:
     rank = dist.get_rank()
     torch.manual_seed(rank)
     rows = 5 if rank == 0 else 3                        # rank 1 "skipped" two bad samples
@@ -25,8 +31,6 @@ def main(out: str) -> None:
     loss.backward()
     with open(f"{out}/rank{rank}.txt", "w") as f:
         f.write(f"{loss.item()}\n")
-    dist.barrier()  # nobody tears the group down while another rank still talks to it
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ from mmdata.loader import MultimodalLoader
 
 def main(dataset: str, out: str) -> None:
     dist.init_process_group("gloo")
+    read_and_report(dataset, out)
+    # the group goes after everything the collectives touched (see mmtrain.distributed.cleanup)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def read_and_report(dataset: str, out: str) -> None:
     rank = dist.get_rank()
     config = loader_config(dataset, num_workers=2, batch_size=3)
     loader = MultimodalLoader(config)
@@ -30,8 +37,6 @@ def main(dataset: str, out: str) -> None:
     dist.all_gather(everyone, counts)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"ids": ids, "batches": len(loader), "counts": [int(c) for c in everyone]}, f)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
