@@ -110,7 +110,7 @@ def loose_files(dataset: str, workers: int, batch: int, samples: int, scratch: P
 
 class Arena:
     """Memory reused batch after batch, as the loader's shared slots are. A batch allocated afresh
-    each time costs the decode-only loop ~10% at 224 px x 256 (38 MB of images, measured): without
+    each time makes the decode-only loop 7-8% slower at 224 px x 256 (38 MB of images, measured): without
     this the ceiling would be lower than the best a decoding process can do."""
 
     def __init__(self, capacity: int = 0):
