@@ -27,7 +27,9 @@ def gather_rows(rows: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[dic
     """
     if not distributed():
         return rows, valid, 0
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    from torch.distributed import _functional_collectives as fc
+    # torch 2.14 renamed it (the old name issues a FutureWarning); torch 2.6 has only the old one
+    all_gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     size = torch.tensor([valid.shape[0]], device=valid.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
@@ -36,7 +38,7 @@ def gather_rows(rows: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[dic
     pad = most - valid.shape[0]
     padded = {k: torch.nn.functional.pad(v, (0, 0, 0, pad)) for k, v in rows.items()}
     group = torch.distributed.group.WORLD
-    gathered = {k: all_gather_tensor_autograd(v.contiguous(), 0, group) for k, v in padded.items()}
+    gathered = {k: all_gather(v.contiguous(), 0, group) for k, v in padded.items()}
     flags = [torch.zeros(most, dtype=torch.bool, device=valid.device) for _ in range(world)]
     torch.distributed.all_gather(flags, torch.nn.functional.pad(valid, (0, pad)))
     return gathered, torch.cat(flags), rank * most
