@@ -4,7 +4,8 @@
     -> rank's slice of each global batch -> worker's round-robin batches
     -> read only the requested members by byte offset                    reader.py
     -> decode + augment (seeded per sample) -> collate (pad + masks)      decode.py
-       straight into a shared-memory slot -> the training loop            transport.py
+       straight into a shared-memory slot, a few batches per message      transport.py
+    -> the training loop, one batch at a time
 
     loader = MultimodalLoader(config)           # rank/world from torch.distributed
     for batch in loader: ...                    # one epoch per `for`
@@ -32,7 +33,7 @@ from mmdata.catalog import Catalog, load_catalog, split_mask
 from mmdata.config import ConfigError, require, require_choice
 from mmdata.decode import MODALITY_MEMBERS, AugmentConfig, DecodeError, collate, decode_sample
 from mmdata.order import (Layout, Source, batches_in_plan, epoch_plan, mixed_order, plan_length,
-                          rank_batch, worker_batches)
+                          rank_batch, worker_messages)
 from mmdata.reader import ReadConfig, ShardReader, ShardReadError
 from mmdata.transport import SharedSlots, numpy_dtype
 
@@ -63,11 +64,12 @@ class LoaderConfig:
     pad_tokens_to: int | None = None
     normalize_images: bool = False
     num_workers: int = 2
-    prefetch_factor: int = 2
+    prefetch_factor: int = 2       # messages each worker has queued (DataLoader's prefetch_factor)
+    message_samples: int = 256     # a worker sends whole batches in messages of about this many samples
     persistent_workers: bool = True
     pin_memory: bool = True        # only used when CUDA is available
     worker_transport: str = "shared"  # shared (slots of shared memory, see transport.py) | pickle
-    timeout_s: float = 300.0       # a worker producing nothing for this long is an error
+    timeout_s: float = 300.0       # a worker sending no message for this long is an error
     on_error: str = "raise"        # raise | skip (skipped samples are counted per batch)
     read: ReadConfig = field(default_factory=ReadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -90,6 +92,7 @@ class LoaderConfig:
         require(self.pad_tokens_to is None or self.pad_tokens_to > 0, "pad_tokens_to", "must be positive")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
         require(self.prefetch_factor > 0, "prefetch_factor", "must be positive")
+        require(self.message_samples >= 0, "message_samples", "must be >= 0 (0: one batch per message)")
         require_choice(self.worker_transport, "worker_transport", ("shared", "pickle"))
         require(self.timeout_s >= 0, "timeout_s", "must be >= 0")
         require_choice(self.on_error, "on_error", ("raise", "skip"))
@@ -165,6 +168,8 @@ class EpochBatches(IterableDataset):
         self._members: dict[int, list] = {}
 
     def __iter__(self):
+        """Messages: lists of consecutive batches (see ``worker_messages``), packed for the trip to the main
+        process when in a worker."""
         epoch, first, layouts = decode_control(self.control)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -179,20 +184,56 @@ class EpochBatches(IterableDataset):
         if self._reader is None:
             self._reader = ShardReader(self.plan.config.read)
         layout = layouts[-1]
-        for b in worker_batches(first, batches_in_plan(len(plan), layout), worker, workers):
-            yield self.make_batch(epoch, b, layout, plan, which, rows)
+        per_message = batches_per_message(self.plan.config)
+        for batches in worker_messages(first, batches_in_plan(len(plan), layout), worker, workers, per_message):
+            if info is None:   # in the main process: nothing to send
+                yield self.make_message(epoch, batches, layout, plan, which, rows, np.empty)
+            else:
+                yield self.packed(epoch, batches, layout, plan, which, rows, worker)
 
-    def make_batch(self, epoch: int, b: int, layout: Layout, plan, which, rows) -> dict:
-        positions = rank_batch(layout, b, self.plan.rank)
+    def packed(self, epoch: int, batches: range, layout: Layout, plan, which, rows, worker: int) -> list[dict]:
+        """In a worker: a message's batches collated straight into a free shared slot (see transport.py), the
+        rest (and everything, when no slot is free) as small pickled arrays; ``unpack_message`` reverses it."""
+        writer = self.slots.claim(worker) if self.slots is not None else None
+        try:
+            message = self.make_message(epoch, batches, layout, plan, which, rows, writer.empty if writer else np.empty)
+            sent = writer.finish(message) if writer else None
+        except BaseException:
+            if writer:
+                writer.abandon()
+            raise
+        if sent is not None:
+            # keys stay in place (as None) so that unpacked batches keep their key order
+            message = [{k: None if k in keys else v for k, v in batch.items()}
+                       for batch, keys in zip(message, ({p.key for p in placed} for placed in sent.placed))]
+            message[0][SLOTS_KEY] = sent
+        return [pack_small_tensors(batch, self.inline_bytes) for batch in message]
+
+    def make_message(self, epoch: int, batches: range, layout: Layout, plan, which, rows, empty) -> list[dict]:
+        """Batches ``batches`` of the layout, collated into arrays from ``empty`` (np.empty's signature).
+
+        Their samples are looked up and read together (numpy and the reader pay
+        their fixed costs once per message), then decoded batch by batch.
+        """
+        positions = np.concatenate([rank_batch(layout, b, self.plan.rank) for b in batches])
         draws = plan[positions]
         places = self.sample_places(which[draws], rows[draws])
         reads = self._reader.read_batch(places.url, places.offsets, places.sizes, places.end, places.shard_bytes)
+        at = positions.tolist()
+        size = layout.batch_size
+        return [self.make_batch(epoch, layout.start // layout.global_batch + b, positions, at, places, reads,
+                                range(i * size, (i + 1) * size), empty)
+                for i, b in enumerate(batches)]
+
+    def make_batch(self, epoch: int, batch_index: int, positions: np.ndarray, at: list[int], places: BatchPlaces,
+                   reads: list, members: range, empty) -> dict:
+        """The batch of samples ``members`` of a message (indices into its positions, places and reads)."""
         config = self.plan.config
         augment = config.augment
         augmenting = augment.active
         samples, kept, skipped = [], [], []
         # one loop, no call per sample but the decoding: this is the per-sample overhead of the loader
-        for j, (position, data) in enumerate(zip(positions.tolist(), reads)):
+        for j, position, data in zip(members, at[members.start: members.stop], reads[members.start: members.stop]):
             try:
                 if isinstance(data, ShardReadError):
                     raise data
@@ -212,28 +253,8 @@ class EpochBatches(IterableDataset):
         kept = np.asarray(kept, np.int64)
         extra = dict(source=torch.from_numpy(places.source[kept].astype(np.int64)),
                      is_pad=torch.from_numpy(positions[kept] >= self.plan.n_draws),
-                     epoch=epoch, batch_index=layout.start // layout.global_batch + b, skipped=skipped)
-        info = get_worker_info()
-        if info is None:   # in the main process: nothing to send
-            return self.collate(samples, np.empty) | extra
-        return self.packed(samples, extra, info.id)
-
-    def packed(self, samples: list[dict], extra: dict, worker: int) -> dict:
-        """In a worker: the batch collated straight into a free shared slot (see transport.py), the
-        rest (and everything, when no slot is free) as small pickled arrays; ``unpack`` reverses it."""
-        writer = self.slots.claim(worker) if self.slots is not None else None
-        try:
-            batch = self.collate(samples, writer.empty if writer else np.empty) | extra
-            sent = writer.finish(batch) if writer else None
-        except BaseException:
-            if writer:
-                writer.abandon()
-            raise
-        if sent is not None:
-            # keys stay in place (as None) so that the unpacked batch keeps its key order
-            batch = {k: None if any(p.key == k for p in sent.placed) else v for k, v in batch.items()}
-            batch[SLOTS_KEY] = sent
-        return pack_small_tensors(batch, self.inline_bytes)
+                     epoch=epoch, batch_index=batch_index, skipped=skipped)
+        return self.collate(samples, empty) | extra
 
     def collate(self, samples: list[dict], empty) -> dict:
         c = self.plan.config
@@ -358,9 +379,16 @@ def as_is(batch: dict) -> dict:
     return batch
 
 
-def unpack(batch: dict) -> dict:
-    """A batch as a worker packed it, once unpickled -> tensors only (views of a shared slot where one was used)."""
-    placed = batch.pop(SLOTS_KEY, None) or {}
+def unpack_message(message: list[dict]) -> list[dict]:
+    """A message as a worker packed it, once unpickled -> its batches (see unpack)."""
+    placed = (message[0].pop(SLOTS_KEY, None) if message else None) or [{}] * len(message)
+    return [unpack(batch, tensors) for batch, tensors in zip(message, placed)]
+
+
+def unpack(batch: dict, placed: dict | None = None) -> dict:
+    """A batch as a worker packed it, once unpickled, and its tensors from the slot (``placed``: views of a
+    shared slot, when one was used) -> tensors only."""
+    placed = placed or {}
     batch.update(batch.pop(JOINED_KEY, None) or {})   # JoinedTensors unpickled as tensors
     return {k: placed[k] if k in placed else torch.from_numpy(v) if isinstance(v, np.ndarray)
             else torch.from_numpy(v.nhwc).permute(0, 3, 1, 2) if isinstance(v, ChannelsLast) else v
@@ -404,7 +432,7 @@ class MultimodalLoader:
         self.control = torch.zeros(3 + 3 * MAX_LAYOUTS, dtype=torch.int64).share_memory_()
         self._dataloader: DataLoader | None = None
         self._slots_in_use = False
-        self.batches_pickled = 0       # batches that could not use a shared slot (see note_pickled_batch)
+        self.batches_pickled = 0       # batches that could not use a shared slot (see note_pickled_batches)
 
     @property
     def catalogs(self) -> list[Catalog]:
@@ -424,14 +452,17 @@ class MultimodalLoader:
         first = (self.consumed - layout.start) // layout.global_batch
         encode_control(self.control, self.epoch, first, self.layouts)
         if first < len(self):
-            for batch in self.dataloader():
-                if self._slots_in_use and SLOTS_KEY not in batch:
-                    self.note_pickled_batch()
-                batch = unpack(batch)
-                self.consumed += layout.global_batch
-                counts = np.bincount(batch["source"].numpy(), minlength=len(self.source_counts))
-                self.source_counts = [a + int(b) for a, b in zip(self.source_counts, counts)]
-                yield batch
+            for message in self.dataloader():
+                if self._slots_in_use and message and SLOTS_KEY not in message[0]:
+                    self.note_pickled_batches(len(message))
+                batches = unpack_message(message)[::-1]
+                del message
+                while batches:
+                    batch = batches.pop()
+                    self.consumed += layout.global_batch
+                    counts = np.bincount(batch["source"].numpy(), minlength=len(self.source_counts))
+                    self.source_counts = [a + int(b) for a, b in zip(self.source_counts, counts)]
+                    yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
         self.layouts = [Layout(0, self.config.batch_size, self.world_size)]
 
@@ -450,11 +481,11 @@ class MultimodalLoader:
                 multiprocessing_context="fork" if workers and os.name == "posix" else None)
         return self._dataloader
 
-    def note_pickled_batch(self) -> None:
-        """Count, and say once, that a batch came pickled although shared slots are in use."""
-        self.batches_pickled += 1
-        if self.batches_pickled == 1:
-            warnings.warn(f"mmdata loader: a batch came from a worker pickled, not through shared memory: all "
+    def note_pickled_batches(self, n: int) -> None:
+        """Count, and say once, that batches came pickled although shared slots are in use."""
+        self.batches_pickled += n
+        if self.batches_pickled == n:
+            warnings.warn(f"mmdata loader: batches came from a worker pickled, not through shared memory: all "
                           f"{self.config.prefetch_factor + 3} slots of its worker were still in use. The training "
                           "loop is keeping earlier batches alive (in a list, a queue, a logger); batches stay "
                           "correct but cost more. loader.batches_pickled counts them.", stacklevel=3)
@@ -466,9 +497,9 @@ class MultimodalLoader:
         usable = (c.worker_transport == "shared" and c.num_workers > 0 and c.persistent_workers
                   and os.name == "posix" and bound > 0)
         # Persistent workers only: with fresh workers per epoch, two sets with the same worker ids
-        # could be alive at once. Slots: each batch a worker may have in flight, one being written,
-        # and two the caller may still hold.
-        return SharedSlots(c.num_workers, c.prefetch_factor + 3, bound) if usable else None
+        # could be alive at once. Slots, one per message: each a worker may have in flight, one being
+        # written, and two the caller may still hold batches of.
+        return SharedSlots(c.num_workers, c.prefetch_factor + 3, bound * batches_per_message(c)) if usable else None
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (state_dict/load_state_dict for mid-epoch)."""
@@ -501,6 +532,19 @@ class MultimodalLoader:
         if self._dataloader is not None and self._dataloader._iterator is not None:
             self._dataloader._iterator._shutdown_workers()
         self._dataloader = None
+
+
+def batches_per_message(config: LoaderConfig) -> int:
+    """Whole batches per worker message: about ``message_samples`` samples, at least one batch.
+
+    The main process, which is the training loop's, pays DataLoader's receiving
+    (queue, unpickling, bookkeeping) once per message: 64 px, batch 64, two
+    workers on two cores, 5.8 -> 3.2 µs of its CPU per sample with 4 batches per
+    message, and 3-9% more samples/s (measured). The price is memory: a slot
+    holds a message. A (re)start still waits for one batch only: each worker's
+    first message holds one (see order.worker_messages).
+    """
+    return max(1, config.message_samples // config.batch_size)
 
 
 def batch_bytes_bound(plan: Plan) -> int:

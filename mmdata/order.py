@@ -141,10 +141,18 @@ def plan_length(n_draws: int, layout: Layout, pad: bool) -> int:
     return n_draws + (layout.global_batch - tail if tail and pad else -tail)
 
 
-def worker_batches(first: int, total: int, worker: int, num_workers: int) -> range:
-    """Global batches worker ``worker`` builds when iteration starts at batch ``first``.
+def worker_messages(first: int, total: int, worker: int, num_workers: int, per_message: int):
+    """The batches of each message worker ``worker`` sends when iteration starts at batch ``first``: ranges.
 
-    Round-robin from ``first`` matches torch DataLoader's in-order round-robin over
-    workers, so the main process receives batches first, first+1, first+2...
+    Messages go round-robin over workers from ``first``, matching torch DataLoader's
+    in-order round-robin, so the main process receives batches first, first+1,
+    first+2... Each worker's first message holds one batch, so the first batch
+    (after a start or a resume) costs one batch's work; later ones ``per_message``.
     """
-    return range(first + worker, total, max(1, num_workers))
+    workers, per_message = max(1, num_workers), max(1, per_message)
+    if worker < total - first:
+        yield range(first + worker, first + worker + 1)
+    start = first + workers + worker * per_message
+    while start < total:
+        yield range(start, min(total, start + per_message))
+        start += workers * per_message

@@ -56,11 +56,11 @@ class Placed(NamedTuple):
 class SlotBatch:
     """What a worker sends: which slot, and where each tensor is in it. Unpickles into tensors."""
 
-    def __init__(self, slots_id: int, slot: int, placed: list[Placed]):
+    def __init__(self, slots_id: int, slot: int, placed: list[list[Placed]]):
         self.slots_id, self.slot, self.placed = slots_id, slot, placed
 
     def __reduce__(self):
-        return attach, (self.slots_id, self.slot, [tuple(p) for p in self.placed])
+        return attach, (self.slots_id, self.slot, [[tuple(p) for p in batch] for batch in self.placed])
 
 
 class SharedSlots:
@@ -95,18 +95,21 @@ class SharedSlots:
         self.state[slot] = SENT
         return SlotWriter(self, slot)
 
-    def view(self, slot: int, placed: list[tuple]) -> dict[str, torch.Tensor]:
-        """Tensors over ``slot``; the slot is FREE again when the last of them is collected."""
+    def view(self, slot: int, placed: list[list[tuple]]) -> list[dict[str, torch.Tensor]]:
+        """Tensors over ``slot``, a dict per batch; the slot is FREE again when the last of them is collected."""
         self.state[slot] = HELD
         start = self.header + slot * self.slot_bytes
         whole = np.frombuffer(self.mapping, np.uint8, count=self.slot_bytes, offset=start)
         # numpy views keep ``whole`` (not just the mapping) alive, so the finaliser waits for all of them
         weakref.finalize(whole, self.release, slot)
-        out = {}
-        for key, dtype, shape, strides, offset in placed:
-            dtype = np.dtype(dtype)
-            flat = torch.from_numpy(whole[offset: offset + math.prod(shape) * dtype.itemsize].view(dtype))
-            out[key] = flat.as_strided(shape, strides)
+        out = []
+        for batch in placed:
+            tensors = {}
+            for key, dtype, shape, strides, offset in batch:
+                dtype = np.dtype(dtype)
+                flat = torch.from_numpy(whole[offset: offset + math.prod(shape) * dtype.itemsize].view(dtype))
+                tensors[key] = flat.as_strided(shape, strides)
+            out.append(tensors)
         return out
 
     def release(self, slot: int) -> None:
@@ -139,23 +142,25 @@ class SlotWriter:
         self.arrays[array.ctypes.data] = offset, count * dtype.itemsize
         return array
 
-    def finish(self, batch: dict) -> SlotBatch | None:
-        """The layout of ``batch``'s tensors that live in the slot; None (slot freed) when it went unused."""
-        placed = []
-        for key, value in batch.items():
-            if not isinstance(value, torch.Tensor) or value.data_ptr() not in self.arrays:
-                continue
-            offset, nbytes = self.arrays[value.data_ptr()]
-            # the whole array, in any dense order (channels_last images are a permuted view)
-            dense = value.is_contiguous() or (value.ndim == 4
-                                              and value.is_contiguous(memory_format=torch.channels_last))
-            if dense and value.numel() * value.element_size() == nbytes:
-                placed.append(Placed(key, numpy_dtype(value.dtype), tuple(value.shape), tuple(value.stride()), offset))
-        if not placed and not self.arrays:
+    def finish(self, batches: list[dict]) -> SlotBatch | None:
+        """The layout of the tensors of ``batches`` that live in the slot; None (slot freed) when it went unused."""
+        placed = [[] for _ in batches]
+        for batch, where in zip(batches, placed):
+            for key, value in batch.items():
+                if not isinstance(value, torch.Tensor) or value.data_ptr() not in self.arrays:
+                    continue
+                offset, nbytes = self.arrays[value.data_ptr()]
+                # the whole array, in any dense order (channels_last images are a permuted view)
+                dense = value.is_contiguous() or (value.ndim == 4
+                                                  and value.is_contiguous(memory_format=torch.channels_last))
+                if dense and value.numel() * value.element_size() == nbytes:
+                    where.append(Placed(key, numpy_dtype(value.dtype), tuple(value.shape), tuple(value.stride()),
+                                        offset))
+        if not self.arrays:
             self.abandon()   # nothing was written to it
             return None
         # Even with nothing placed, a slot that was written to is released by the main process after it
-        # received the batch: an inline array could be a view of it, and is pickled only after this returns.
+        # received the message: an inline array could be a view of it, and is pickled only after this returns.
         return SlotBatch(self.slots.id, self.slot, placed)
 
     def abandon(self) -> None:
@@ -168,6 +173,6 @@ def numpy_dtype(dtype: torch.dtype) -> str:
     return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype).str
 
 
-def attach(slots_id: int, slot: int, placed: list[tuple]) -> dict[str, torch.Tensor]:
+def attach(slots_id: int, slot: int, placed: list[list[tuple]]) -> list[dict[str, torch.Tensor]]:
     """Unpickling a SlotBatch: ``placed`` holds the fields of Placed as plain tuples."""
     return _SLOTS[slots_id].view(slot, placed)

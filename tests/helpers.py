@@ -35,8 +35,9 @@ def loader_config(*datasets: str, **overrides):
     """A LoaderConfig over dataset directories, small and fast for tests."""
     from mmdata.config import from_dict, validate_tree
     from mmdata.loader import LoaderConfig
+    # two batches per worker message by default, so that tests cross message boundaries
     data = {"datasets": [{"path": str(d)} for d in datasets], "batch_size": 4, "num_workers": 0,
-            "shuffle_window": 3}
+            "shuffle_window": 3, "message_samples": 8}
     data.update(overrides)
     config = from_dict(LoaderConfig, data)
     validate_tree(config)

@@ -54,9 +54,24 @@ def test_order_is_a_function_of_seed_and_epoch(demo_dataset):
     assert ordered == load_catalog(demo_dataset).ids.to_pylist()[: len(ordered)]
 
 
-def test_worker_count_does_not_change_the_batches(demo_dataset):
-    base = batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=0)))
-    assert batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=3))) == base
+def test_worker_count_and_message_size_do_not_change_the_batches(demo_dataset):
+    base = batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=0, message_samples=0)))
+    for workers, message_samples in [(0, 8), (3, 0), (3, 8), (2, 20), (2, 1000)]:
+        loader = MultimodalLoader(loader_config(demo_dataset, num_workers=workers, message_samples=message_samples))
+        assert batch_ids(loader) == base, (workers, message_samples)
+
+
+@pytest.mark.parametrize("first, total, workers, per_message", [
+    (0, 12, 2, 2), (5, 12, 2, 3), (0, 7, 3, 4), (3, 4, 2, 5), (0, 1, 3, 2), (4, 4, 2, 2), (0, 9, 1, 1)])
+def test_worker_messages_deliver_each_batch_in_order_and_the_first_ones_alone(first, total, workers, per_message):
+    from mmdata.order import worker_messages
+    queues = [list(worker_messages(first, total, w, workers, per_message)) for w in range(workers)]
+    received = []                         # as DataLoader delivers them: round-robin over workers, in order
+    for turn in range(max(map(len, queues))):
+        received += [queue[turn] for queue in queues if turn < len(queue)]
+    assert [b for message in received for b in message] == list(range(first, total))
+    assert all(len(m) == 1 for m in received[:workers])                 # a (re)start waits for one batch only
+    assert all(1 <= len(m) <= per_message for m in received)
 
 
 def assert_same_batch(a: dict, b: dict) -> None:
@@ -66,8 +81,10 @@ def assert_same_batch(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("stop_after", [1, 3, 5])
-def test_exact_resume_yields_the_same_next_batches(demo_dataset, stop_after):
-    config = loader_config(demo_dataset, num_workers=2, augment={"image_flip": True, "mel_time_masks": 1})
+@pytest.mark.parametrize("message_samples", [0, 12])
+def test_exact_resume_yields_the_same_next_batches(demo_dataset, stop_after, message_samples):
+    config = loader_config(demo_dataset, num_workers=2, augment={"image_flip": True, "mel_time_masks": 1},
+                           message_samples=message_samples)
     reference = list(MultimodalLoader(config, rank=1, world_size=2))
     loader = MultimodalLoader(config, rank=1, world_size=2)
     for i, batch in enumerate(loader):

@@ -25,30 +25,40 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
             assert a[key].dtype == value.dtype and torch.equal(a[key], value), key
 
 
-def put(slots: SharedSlots, worker: int, tensors: dict):
-    """What a worker does: allocate in a claimed slot, fill, finish."""
+def put(slots: SharedSlots, worker: int, batches: list[dict]):
+    """What a worker does with a message: allocate in a claimed slot, fill, finish."""
     writer = slots.claim(worker)
     if writer is None:
         return None
-    placed = {}
-    for key, value in tensors.items():
-        placed[key] = torch.from_numpy(writer.empty(tuple(value.shape), value.numpy().dtype))
-        placed[key].copy_(value)
+    placed = [{} for _ in batches]
+    for batch, into in zip(batches, placed):
+        for key, value in batch.items():
+            into[key] = torch.from_numpy(writer.empty(tuple(value.shape), value.numpy().dtype))
+            into[key].copy_(value)
     return writer.finish(placed)
 
 
 def test_a_slot_round_trip_gives_equal_tensors_and_frees_the_slot_when_they_are_collected():
     slots = SharedSlots(workers=2, slots_per_worker=2, slot_bytes=1 << 16)
-    sent = {"mel": torch.randn(3, 5, 7).half(), "mask": torch.rand(3, 7) > 0.5, "tokens": torch.arange(12).view(3, 4)}
+    sent = [{"mel": torch.randn(3, 5, 7).half(), "mask": torch.rand(3, 7) > 0.5, "tokens": torch.arange(12).view(3, 4)},
+            {"mel": torch.randn(2, 5, 4).half(), "tokens": torch.arange(6).view(2, 3)}]   # a message of two batches
     ref = put(slots, 1, sent)
     assert ref is not None and ref.slot in slots.worker_slots(1) and slots.state[ref.slot] == SENT
     received = attach(*ref.__reduce__()[1])             # what unpickling in the main process does
-    assert all(torch.equal(received[k], v) and received[k].dtype == v.dtype for k, v in sent.items())
-    mel = received.pop("mel")[1:]                      # a view of a view still holds the slot
-    del received
+    assert len(received) == 2
+    for got, want in zip(received, sent):
+        assert list(got) == list(want)
+        assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
+    first, second = received
+    del received, got
+    mel = first.pop("mel")[1:]                         # a view of a view still holds the slot
+    del first
     gc.collect()
     assert slots.state[ref.slot] != FREE
     del mel
+    gc.collect()
+    assert slots.state[ref.slot] != FREE               # the message's other batch still holds it
+    del second
     gc.collect()
     assert slots.state[ref.slot] == FREE and slots.in_use() == 0
 
@@ -57,32 +67,33 @@ def test_no_free_slot_means_inline_not_waiting_and_what_does_not_fit_stays_out()
     slots = SharedSlots(workers=1, slots_per_worker=2, slot_bytes=1024)
     writer = slots.claim(0)
     inside, outside = writer.empty((100,), np.uint8), writer.empty((2000,), np.uint8)   # the second does not fit
-    sent = writer.finish({"a": torch.from_numpy(inside), "b": torch.from_numpy(outside), "c": torch.zeros(3)})
-    assert [p.key for p in sent.placed] == ["a"]                                   # b and c travel inline
+    sent = writer.finish([{"a": torch.from_numpy(inside), "b": torch.from_numpy(outside), "c": torch.zeros(3)}])
+    assert [p.key for p in sent.placed[0]] == ["a"]                                # b and c travel inline
     assert slots.claim(0) is not None and slots.claim(0) is None                    # both slots in flight
     slots.forget_unsent(0)       # a restarted worker: its predecessor's unreceived batches are gone
     assert slots.in_use() == 0
     nothing = slots.claim(0)
-    assert nothing.finish({"c": torch.zeros(3)}) is None and slots.in_use() == 0    # an unused slot goes back
+    assert nothing.finish([{"c": torch.zeros(3)}]) is None and slots.in_use() == 0  # an unused slot goes back
     written = slots.claim(0)
     part = torch.from_numpy(written.empty((10,), np.uint8))[:5]                    # a view, not the whole array
-    sent = written.finish({"part": part})
-    assert sent.placed == [] and slots.state[sent.slot] == SENT     # part travels inline, pickled later: keep it
-    assert attach(*sent.__reduce__()[1]) == {}
+    sent = written.finish([{"part": part}])
+    assert sent.placed == [[]] and slots.state[sent.slot] == SENT   # part travels inline, pickled later: keep it
+    assert attach(*sent.__reduce__()[1]) == [{}]
     gc.collect()
     assert slots.in_use() == 0                                      # received: free
 
 
-def test_shared_slots_and_pickling_deliver_the_same_batches(demo_dataset):
-    base = list(MultimodalLoader(loader_config(demo_dataset, num_workers=0)))
-    shared = MultimodalLoader(loader_config(demo_dataset, num_workers=2))
+@pytest.mark.parametrize("message", [{"batch_size": 4, "message_samples": 0}, {"batch_size": 2, "message_samples": 4}])
+def test_shared_slots_and_pickling_deliver_the_same_batches(demo_dataset, message):
+    base = list(MultimodalLoader(loader_config(demo_dataset, num_workers=0, **message)))
+    shared = MultimodalLoader(loader_config(demo_dataset, num_workers=2, **message))
     assert shared.dataloader().dataset.slots is not None                           # the default path
     with pytest.warns(UserWarning, match="keeping earlier batches alive"):
         got = list(shared)                             # holding every batch: later ones go inline
     assert_same_batches(got, base)
     assert 0 < shared.batches_pickled < len(got)
     assert all(b["image"].is_contiguous(memory_format=torch.channels_last) for b in got)  # as collated, no copy
-    pickled = MultimodalLoader(loader_config(demo_dataset, num_workers=2, worker_transport="pickle"))
+    pickled = MultimodalLoader(loader_config(demo_dataset, num_workers=2, worker_transport="pickle", **message))
     assert pickled.dataloader().dataset.slots is None
     got = list(pickled)
     assert_same_batches(got, base)
@@ -91,8 +102,9 @@ def test_shared_slots_and_pickling_deliver_the_same_batches(demo_dataset):
 
 def test_normalised_float_images_travel_through_slots_too(demo_dataset):
     base = list(MultimodalLoader(loader_config(demo_dataset, num_workers=0, normalize_images=True)))
-    with pytest.warns(UserWarning, match="keeping earlier batches alive"):   # list() holds them all
-        got = list(MultimodalLoader(loader_config(demo_dataset, num_workers=2, normalize_images=True)))
+    loader = MultimodalLoader(loader_config(demo_dataset, num_workers=2, normalize_images=True))
+    got = list(loader)          # all held: a worker sends 4 messages (of 1-2 batches) and has 5 slots
+    assert loader.batches_pickled == 0
     assert_same_batches(got, base)
     assert got[0]["image"].dtype == torch.float32 and got[0]["image"].is_contiguous(memory_format=torch.channels_last)
 
@@ -142,7 +154,7 @@ def test_with_pinning_every_tensor_of_a_worker_batch_reaches_dataloaders_pin_mem
     import pickle
     from torch.utils.data._utils.pin_memory import pin_memory
     import torch.utils.data._utils.worker as worker_module
-    from mmdata.loader import EpochBatches, encode_control, unpack
+    from mmdata.loader import EpochBatches, encode_control, unpack_message
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t.clone()) or pinned[-1])
     loader = MultimodalLoader(loader_config(demo_dataset, batch_size=8, num_workers=1))
@@ -153,7 +165,7 @@ def test_with_pinning_every_tensor_of_a_worker_batch_reaches_dataloaders_pin_mem
                                                                                  dataset=dataset))
     message = next(iter(dataset))   # built as in a worker: in a slot, small tensors joined
     assert slots.in_use() == 1
-    batch = unpack(pin_memory(pickle.loads(pickle.dumps(message))))
+    [batch] = unpack_message(pin_memory(pickle.loads(pickle.dumps(message))))   # a worker's first: one batch
     gc.collect()
     assert slots.in_use() == 0                                      # copied out: the slot is free already
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
