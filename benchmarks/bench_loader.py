@@ -7,6 +7,9 @@ All four readers decode the same members (tokens, image, mel) with the same
 decode/collate code and the same number of DataLoader workers, in this run,
 and each is timed over the same number of samples (``--samples``, passes over
 the dataset repeated as needed) after its workers have started and built 10 batches each.
+For the three DataLoader readers it also reports the main process's CPU time per
+sample: the training loop runs there, and what receiving batches costs it is
+taken from the model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,17 +31,22 @@ from mmdata.decode import AugmentConfig, collate, decode_sample
 MEMBERS = ("tokens.npy", "jpg", "mel.npy")
 
 
-def rate(batches, samples: int, warmup: int) -> float:
+class Rate(NamedTuple):
+    samples_per_s: float
+    main_cpu_us: float      # CPU time of the main process (all its threads) per sample
+
+
+def rate(batches, samples: int, warmup: int) -> Rate:
     """Samples/s over ``samples`` samples after the first ``warmup`` batches (worker start-up is not throughput)."""
-    n, start = 0, None
+    n, start, cpu = 0, None, None
     for i, batch in enumerate(batches):
         if i == warmup - 1:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         elif i >= warmup:
             n += len(batch["ids"])
             if n >= samples:
                 break
-    return n / (time.perf_counter() - start)
+    return Rate(n / (time.perf_counter() - start), (time.process_time() - cpu) / n * 1e6)
 
 
 NO_AUGMENT = AugmentConfig()
@@ -50,7 +59,7 @@ def decode_members(sample: dict) -> dict:
     return out
 
 
-def ours(dataset: str, workers: int, batch: int, samples: int) -> float:
+def ours(dataset: str, workers: int, batch: int, samples: int) -> Rate:
     from mmdata.config import from_dict
     from mmdata.loader import LoaderConfig, MultimodalLoader
     # no pinning: the baselines don't pin either (on a CUDA machine the loader would by default)
@@ -66,7 +75,7 @@ def warmup(workers: int) -> int:
     return 10 * max(workers, 1)
 
 
-def plain_webdataset(dataset: str, workers: int, batch: int, samples: int) -> float:
+def plain_webdataset(dataset: str, workers: int, batch: int, samples: int) -> Rate:
     import webdataset as wds
     shards = sorted(str(p) for p in Path(dataset).glob("shard-*.tar"))
     pipeline = (wds.WebDataset(shards, shardshuffle=len(shards), seed=0, empty_check=False)
@@ -94,7 +103,7 @@ class LooseFiles(Dataset):
         return decode_members(sample)
 
 
-def loose_files(dataset: str, workers: int, batch: int, samples: int, scratch: Path) -> float:
+def loose_files(dataset: str, workers: int, batch: int, samples: int, scratch: Path) -> Rate:
     folder = scratch / "loose"
     if not folder.exists():
         folder.mkdir(parents=True)
@@ -130,7 +139,7 @@ class Arena:
         return collate(samples, empty=self.empty)
 
 
-def decode_ceiling(dataset: str, workers: int, samples: int, batch: int, distinct: int = 1000) -> float:
+def decode_ceiling(dataset: str, workers: int, samples: int, batch: int, distinct: int = 1000) -> Rate:
     """Decode + collate only (members already in memory, one thread, batch memory reused), times the
     number of workers."""
     import webdataset as wds
@@ -147,7 +156,7 @@ def decode_ceiling(dataset: str, workers: int, samples: int, batch: int, distinc
         done += len(held)
     elapsed = time.perf_counter() - start
     torch.set_num_threads(os.cpu_count() or 1)
-    return done / elapsed * max(workers, 1)
+    return Rate(done / elapsed * max(workers, 1), float("nan"))   # all of it runs in the main process
 
 
 def resume_latency(dataset: str, workers: int, batch: int) -> dict[str, float]:
@@ -176,20 +185,24 @@ def compare(dataset: str, workers: int, batch: int, samples: int, rounds: int, s
                "mmdata loader": lambda: ours(dataset, workers, batch, samples),
                "plain webdataset": lambda: plain_webdataset(dataset, workers, batch, samples),
                "loose files (map-style)": lambda: loose_files(dataset, workers, batch, samples, scratch)}
-    runs: dict[str, list[float]] = {name: [] for name in readers}
+    runs: dict[str, list[Rate]] = {name: [] for name in readers}
     names = list(readers)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:   # rotated: no reader always goes first
             runs[name].append(readers[name]())
-    results = {name: float(np.median(values)) for name, values in runs.items()}
-    ceiling = results.pop("decode ceiling")
+    speed = {name: np.array([r.samples_per_s for r in values]) for name, values in runs.items()}
+    main_cpu = {name: float(np.median([r.main_cpu_us for r in values])) for name, values in runs.items()}
+    ceiling = float(np.median(speed["decode ceiling"]))
     print(f"  decode ceiling (1 process x {workers}) {ceiling:8.0f} samples/s")
-    for name, value in results.items():
-        print(f"  {name:30s} {value:8.0f} samples/s   {value / ceiling:.2f} of ceiling")
+    for name in names[1:]:
+        value = float(np.median(speed[name]))
+        print(f"  {name:30s} {value:8.0f} samples/s   {value / ceiling:.2f} of ceiling   "
+              f"main process {main_cpu[name]:5.1f} us CPU/sample")
     # ratios within each round (readers timed next to each other), then their median: robust to drift
-    ratio = lambda a, b: float(np.median(np.array(runs[a]) / np.array(runs[b])))  # noqa: E731
+    ratio = lambda a, b: float(np.median(speed[a] / speed[b]))  # noqa: E731
     return {"vs webdataset": ratio("mmdata loader", "plain webdataset"),
-            "vs ceiling": ratio("mmdata loader", "decode ceiling")}
+            "vs ceiling": ratio("mmdata loader", "decode ceiling"),
+            "main cpu": main_cpu["mmdata loader"], "main cpu webdataset": main_cpu["plain webdataset"]}
 
 
 def main() -> None:
@@ -216,9 +229,11 @@ def main() -> None:
         print("  resume latency (load_state_dict -> first batch): "
               + ", ".join(f"{k} of epoch {v:.2f} s" for k, v in latency.items()))
     print("\nsummary: mmdata loader samples/s relative to, in the same round (median over rounds),")
-    print(f"  {'dataset':32s} {'workers':>7s} {'plain webdataset':>17s} {'decode ceiling':>15s}")
-    for name, workers, ratios in summary:
-        print(f"  {name:32s} {workers:7d} {ratios['vs webdataset']:16.2f}x {ratios['vs ceiling']:15.2f}")
+    print("  and main-process CPU per sample (us), mmdata loader / plain webdataset")
+    print(f"  {'dataset':32s} {'workers':>7s} {'plain webdataset':>17s} {'decode ceiling':>15s} {'main CPU':>13s}")
+    for name, workers, r in summary:
+        print(f"  {name:32s} {workers:7d} {r['vs webdataset']:16.2f}x {r['vs ceiling']:15.2f} "
+              f"{r['main cpu']:6.1f} / {r['main cpu webdataset']:.1f}")
 
 
 if __name__ == "__main__":
