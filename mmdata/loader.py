@@ -212,28 +212,23 @@ class EpochBatches(IterableDataset):
     def make_message(self, epoch: int, batches: range, layout: Layout, plan, which, rows, empty) -> list[dict]:
         """Batches ``batches`` of the layout, collated into arrays from ``empty`` (np.empty's signature).
 
-        Their samples are looked up and read together (numpy and the reader pay
-        their fixed costs once per message), then decoded batch by batch.
+        Each batch is looked up and read on its own: a message's batches lie a
+        global batch apart in the plan, so reading them together would touch more
+        shards at once than the preflight allows the cache for (and was not faster).
         """
-        positions = np.concatenate([rank_batch(layout, b, self.plan.rank) for b in batches])
+        return [self.make_batch(epoch, b, layout, plan, which, rows, empty) for b in batches]
+
+    def make_batch(self, epoch: int, b: int, layout: Layout, plan, which, rows, empty) -> dict:
+        positions = rank_batch(layout, b, self.plan.rank)
         draws = plan[positions]
         places = self.sample_places(which[draws], rows[draws])
         reads = self._reader.read_batch(places.url, places.offsets, places.sizes, places.end, places.shard_bytes)
-        at = positions.tolist()
-        size = layout.batch_size
-        return [self.make_batch(epoch, layout.start // layout.global_batch + b, positions, at, places, reads,
-                                range(i * size, (i + 1) * size), empty)
-                for i, b in enumerate(batches)]
-
-    def make_batch(self, epoch: int, batch_index: int, positions: np.ndarray, at: list[int], places: BatchPlaces,
-                   reads: list, members: range, empty) -> dict:
-        """The batch of samples ``members`` of a message (indices into its positions, places and reads)."""
         config = self.plan.config
         augment = config.augment
         augmenting = augment.active
         samples, kept, skipped = [], [], []
         # one loop, no call per sample but the decoding: this is the per-sample overhead of the loader
-        for j, position, data in zip(members, at[members.start: members.stop], reads[members.start: members.stop]):
+        for j, (position, data) in enumerate(zip(positions.tolist(), reads)):
             try:
                 if isinstance(data, ShardReadError):
                     raise data
@@ -253,7 +248,7 @@ class EpochBatches(IterableDataset):
         kept = np.asarray(kept, np.int64)
         extra = dict(source=torch.from_numpy(places.source[kept].astype(np.int64)),
                      is_pad=torch.from_numpy(positions[kept] >= self.plan.n_draws),
-                     epoch=epoch, batch_index=batch_index, skipped=skipped)
+                     epoch=epoch, batch_index=layout.start // layout.global_batch + b, skipped=skipped)
         return self.collate(samples, empty) | extra
 
     def collate(self, samples: list[dict], empty) -> dict:
