@@ -99,6 +99,21 @@ def test_exact_resume_yields_the_same_next_batches(demo_dataset, stop_after, mes
         assert_same_batch(a, b)
 
 
+def test_resuming_reads_and_decodes_only_the_samples_still_to_come(demo_dataset, monkeypatch):
+    import mmdata.loader as loader_module
+    from mmdata.reader import ShardReader
+    read, decoded = [], []
+    real_read, real_decode = ShardReader.read_batch, loader_module.decode_sample
+    monkeypatch.setattr(ShardReader, "read_batch", lambda self, urls, *a: read.extend(urls) or real_read(self, urls, *a))
+    monkeypatch.setattr(loader_module, "decode_sample", lambda *a: decoded.append(1) or real_decode(*a))
+    config = loader_config(demo_dataset)                     # in this process (no workers): the spies see it all
+    total = len(MultimodalLoader(config))
+    resumed = MultimodalLoader(config)
+    resumed.load_state_dict({**resumed.state_dict(), "consumed": (total - 2) * 4})   # 2 batches left of 12
+    assert len(list(resumed)) == 2
+    assert len(read) == len(decoded) == 2 * 4                # nothing of the skipped 10 batches
+
+
 def test_resume_continues_into_the_next_epochs(demo_dataset):
     config = loader_config(demo_dataset)
     reference = MultimodalLoader(config)
