@@ -54,3 +54,25 @@ def s3():
     yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"}
     server.terminate()
     server.wait(timeout=30)
+
+
+@pytest.fixture()
+def http_server():
+    """A static-file HTTP server on loopback answering byte ranges (as web servers and object stores do);
+    yields a function that serves a directory and returns its URL."""
+    import functools
+    import threading
+    from http.server import ThreadingHTTPServer
+    from helpers import RangeRequestHandler
+    servers = []
+
+    def serve(directory: str) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeRequestHandler, directory=directory))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

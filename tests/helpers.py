@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 
@@ -79,3 +83,26 @@ def experiment_config(dataset: str, run_dir, *overrides: str):
 
 def metrics_lines(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+class RangeRequestHandler(SimpleHTTPRequestHandler):
+    """Static files, with single byte ranges (`Range: bytes=a-b`), which http.server alone ignores."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        path = self.translate_path(self.path)
+        if not match or not os.path.isfile(path):
+            return super().send_head()
+        size = os.path.getsize(path)
+        start, end = int(match[1]), min(int(match[2] or size - 1), size - 1)
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start + 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)

@@ -1,4 +1,4 @@
-"""The loader in real multi-process settings: torchrun + gloo, S3 streaming, killed runs."""
+"""The loader in real multi-process settings: torchrun + gloo, S3 and HTTP streaming, killed runs."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def test_streams_from_s3_with_and_without_a_cache(demo_dataset, s3, tmp_path):
     cache = tmp_path / "cache"
     cached = loader_config("s3://mm-loader/ds", num_workers=2,
                            read={"storage_options": s3, "cache_dir": str(cache), "cache_bytes": 10**9})
+    assert batch_ids(MultimodalLoader(cached)) == local
+    assert len(list(cache.glob("*shard-*.tar"))) == 10 and not list(cache.glob("*.tmp*"))
+
+
+def test_streams_over_http_with_and_without_a_cache(demo_dataset, http_server, tmp_path):
+    url = http_server(demo_dataset)
+    local = batch_ids(MultimodalLoader(loader_config(demo_dataset)))
+    assert batch_ids(MultimodalLoader(loader_config(url, num_workers=2))) == local      # range requests
+    cache = tmp_path / "cache"
+    cached = loader_config(url, num_workers=2, read={"cache_dir": str(cache), "cache_bytes": 10**9})
     assert batch_ids(MultimodalLoader(cached)) == local
     assert len(list(cache.glob("*shard-*.tar"))) == 10 and not list(cache.glob("*.tmp*"))
 
