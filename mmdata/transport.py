@@ -6,12 +6,13 @@ copied through a pipe. Both cost the main process time per batch, and on a
 busy machine the main process is the one the training loop needs.
 
 Here each worker owns a few fixed slots in one anonymous shared mapping that
-the main process creates *before* it forks the workers. A worker collates a
-batch's big tensors straight into a free slot and sends only their layout (a
-few hundred bytes). Unpickling that layout in the main process returns tensors
-that are views of the slot: no copy, no file descriptors. The slot is free
-again once every such tensor is garbage collected (a finaliser clears its
-state byte); a worker that finds none of its slots free sends the batch
+the main process creates *before* it forks the workers. A worker collates the
+big tensors of a message's batches (one or a few, see the loader) straight
+into a free slot and sends only their layout (a few hundred bytes per batch).
+Unpickling that layout in the main process returns tensors that are views of
+the slot: no copy, no file descriptors. The slot is free again once every such
+tensor, of every batch in it, is garbage collected (a finaliser clears its
+state byte); a worker that finds none of its slots free sends the message
 inline instead, so a caller that holds on to batches never blocks a worker.
 
 There is no file, so nothing can be left behind when a process is killed, and
@@ -54,7 +55,8 @@ class Placed(NamedTuple):
 
 
 class SlotBatch:
-    """What a worker sends: which slot, and where each tensor is in it. Unpickles into tensors."""
+    """What a worker sends: which slot, and where each of its batches' tensors is in it. Unpickles into one
+    dict of tensors per batch."""
 
     def __init__(self, slots_id: int, slot: int, placed: list[list[Placed]]):
         self.slots_id, self.slot, self.placed = slots_id, slot, placed
