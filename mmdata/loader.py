@@ -19,6 +19,7 @@ workers can be persistent across epochs and resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -39,6 +40,7 @@ from mmdata.transport import SharedSlots, numpy_dtype
 
 STATE_VERSION = 1
 MAX_LAYOUTS = 16
+LOOKUP_SAMPLES = 1024   # a worker looks up the places of about this many upcoming samples at once
 
 
 @dataclass
@@ -155,6 +157,9 @@ class BatchPlaces:
     id: list[str]
     label: list[int | None]
 
+    def part(self, rows: slice) -> "BatchPlaces":
+        return BatchPlaces(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
 
 class EpochBatches(IterableDataset):
     """Yields this rank's batches of the epoch that ``control`` describes, split across workers."""
@@ -184,19 +189,37 @@ class EpochBatches(IterableDataset):
         if self._reader is None:
             self._reader = ShardReader(self.plan.config.read)
         layout = layouts[-1]
-        per_message = batches_per_message(self.plan.config)
-        for batches in worker_messages(first, batches_in_plan(len(plan), layout), worker, workers, per_message):
-            if info is None:   # in the main process: nothing to send
-                yield self.make_message(epoch, batches, layout, plan, which, rows, np.empty)
-            else:
-                yield self.packed(epoch, batches, layout, plan, which, rows, worker)
+        c = self.plan.config
+        messages = worker_messages(first, batches_in_plan(len(plan), layout), worker, workers, batches_per_message(c))
+        for group in message_groups(messages, max(1, LOOKUP_SAMPLES // c.batch_size)):
+            places = iter(self.places_of([b for batches in group for b in batches], layout, plan, which, rows))
+            for batches in group:
+                message = [(b, *next(places)) for b in batches]
+                if info is None:   # in the main process: nothing to send
+                    yield self.make_message(epoch, message, layout, np.empty)
+                else:
+                    yield self.packed(epoch, message, layout, worker)
 
-    def packed(self, epoch: int, batches: range, layout: Layout, plan, which, rows, worker: int) -> list[dict]:
+    def places_of(self, batches: list[int], layout: Layout, plan, which, rows) -> list[tuple[np.ndarray, BatchPlaces]]:
+        """Plan positions and places of each of ``batches``, looked up together.
+
+        The work per sample is the same, but done for many batches in one go it
+        runs about twice as fast in a worker, whose caches the decoding between
+        batches keeps cold (per batch of 64: ~110 µs alone, ~60 µs among 16, measured).
+        """
+        positions = np.concatenate([rank_batch(layout, b, self.plan.rank) for b in batches])
+        draws = plan[positions]
+        places = self.sample_places(which[draws], rows[draws])
+        size = layout.batch_size
+        return [(positions[i * size: (i + 1) * size], places.part(slice(i * size, (i + 1) * size)))
+                for i in range(len(batches))]
+
+    def packed(self, epoch: int, message: list[tuple], layout: Layout, worker: int) -> list[dict]:
         """In a worker: a message's batches collated straight into a free shared slot (see transport.py), the
         rest (and everything, when no slot is free) as small pickled arrays; ``unpack_message`` reverses it."""
         writer = self.slots.claim(worker) if self.slots is not None else None
         try:
-            message = self.make_message(epoch, batches, layout, plan, which, rows, writer.empty if writer else np.empty)
+            message = self.make_message(epoch, message, layout, writer.empty if writer else np.empty)
             sent = writer.finish(message) if writer else None
         except BaseException:
             if writer:
@@ -209,19 +232,14 @@ class EpochBatches(IterableDataset):
             message[0][SLOTS_KEY] = sent
         return [pack_small_tensors(batch, self.inline_bytes) for batch in message]
 
-    def make_message(self, epoch: int, batches: range, layout: Layout, plan, which, rows, empty) -> list[dict]:
-        """Batches ``batches`` of the layout, collated into arrays from ``empty`` (np.empty's signature).
+    def make_message(self, epoch: int, message: list[tuple], layout: Layout, empty) -> list[dict]:
+        """The batches of a message, given as (batch, positions, places), collated into arrays from ``empty``
+        (np.empty's signature). Each is read on its own: a message's batches lie a global batch apart in the
+        plan, so reading them together would touch more shards at once than the cache preflight allows."""
+        return [self.make_batch(epoch, b, layout, positions, places, empty) for b, positions, places in message]
 
-        Each batch is looked up and read on its own: a message's batches lie a
-        global batch apart in the plan, so reading them together would touch more
-        shards at once than the preflight allows the cache for (and was not faster).
-        """
-        return [self.make_batch(epoch, b, layout, plan, which, rows, empty) for b in batches]
-
-    def make_batch(self, epoch: int, b: int, layout: Layout, plan, which, rows, empty) -> dict:
-        positions = rank_batch(layout, b, self.plan.rank)
-        draws = plan[positions]
-        places = self.sample_places(which[draws], rows[draws])
+    def make_batch(self, epoch: int, b: int, layout: Layout, positions: np.ndarray, places: BatchPlaces,
+                   empty) -> dict:
         reads = self._reader.read_batch(places.url, places.offsets, places.sizes, places.end, places.shard_bytes)
         config = self.plan.config
         augment = config.augment
@@ -527,6 +545,18 @@ class MultimodalLoader:
         if self._dataloader is not None and self._dataloader._iterator is not None:
             self._dataloader._iterator._shutdown_workers()
         self._dataloader = None
+
+
+def message_groups(messages, batches: int):
+    """Consecutive messages in groups of at least ``batches`` batches (the last one may have fewer)."""
+    group: list[range] = []
+    for message in messages:
+        group.append(message)
+        if sum(map(len, group)) >= batches:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def batches_per_message(config: LoaderConfig) -> int:

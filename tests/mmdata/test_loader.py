@@ -61,6 +61,22 @@ def test_worker_count_and_message_size_do_not_change_the_batches(demo_dataset):
         assert batch_ids(loader) == base, (workers, message_samples)
 
 
+@pytest.mark.parametrize("lookup_samples", [1, 12, 10**6])
+def test_looking_places_up_ahead_does_not_change_the_batches(demo_dataset, monkeypatch, lookup_samples):
+    import mmdata.loader as loader_module
+    base = batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=0, message_samples=0)))
+    monkeypatch.setattr(loader_module, "LOOKUP_SAMPLES", lookup_samples)   # forked workers inherit it
+    assert batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=2, message_samples=12))) == base
+
+
+def test_message_groups_keep_order_and_size():
+    from mmdata.loader import message_groups
+    messages = [range(0, 1), range(1, 2), range(2, 5), range(5, 8), range(8, 9)]
+    groups = list(message_groups(iter(messages), 4))
+    assert [m for g in groups for m in g] == messages
+    assert [sum(map(len, g)) for g in groups] == [5, 4]      # at least 4 batches each, the last whatever is left
+
+
 @pytest.mark.parametrize("first, total, workers, per_message", [
     (0, 12, 2, 2), (5, 12, 2, 3), (0, 7, 3, 4), (3, 4, 2, 5), (0, 1, 3, 2), (4, 4, 2, 2), (0, 9, 1, 1)])
 def test_worker_messages_deliver_each_batch_in_order_and_the_first_ones_alone(first, total, workers, per_message):
