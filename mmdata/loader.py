@@ -67,7 +67,8 @@ class LoaderConfig:
     normalize_images: bool = False
     num_workers: int = 2
     prefetch_factor: int = 2       # messages each worker has queued (DataLoader's prefetch_factor)
-    message_samples: int = 256     # a worker sends whole batches in messages of about this many samples
+    message_samples: int = 256     # a worker sends whole batches in messages of up to this many samples
+    message_bytes: int = 64 << 20  # and this many bytes of batch tensors (at least one batch either way)
     persistent_workers: bool = True
     pin_memory: bool = True        # only used when CUDA is available
     worker_transport: str = "shared"  # shared (slots of shared memory, see transport.py) | pickle
@@ -95,6 +96,7 @@ class LoaderConfig:
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
         require(self.prefetch_factor > 0, "prefetch_factor", "must be positive")
         require(self.message_samples >= 0, "message_samples", "must be >= 0 (0: one batch per message)")
+        require(self.message_bytes >= 0, "message_bytes", "must be >= 0 (0: one batch per message)")
         require_choice(self.worker_transport, "worker_transport", ("shared", "pickle"))
         require(self.timeout_s >= 0, "timeout_s", "must be >= 0")
         require_choice(self.on_error, "on_error", ("raise", "skip"))
@@ -119,6 +121,7 @@ class Plan:
     rank: int
     pad_id: int
     n_draws: int
+    batches_per_message: int = 1
 
     def draws(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         c = self.config
@@ -190,7 +193,8 @@ class EpochBatches(IterableDataset):
             self._reader = ShardReader(self.plan.config.read)
         layout = layouts[-1]
         c = self.plan.config
-        messages = worker_messages(first, batches_in_plan(len(plan), layout), worker, workers, batches_per_message(c))
+        messages = worker_messages(first, batches_in_plan(len(plan), layout), worker, workers,
+                                   self.plan.batches_per_message)
         for group in message_groups(messages, max(1, LOOKUP_SAMPLES // c.batch_size)):
             places = iter(self.places_of([b for batches in group for b in batches], layout, plan, which, rows))
             for batches in group:
@@ -437,6 +441,7 @@ class MultimodalLoader:
         n_draws = config.samples_per_epoch or sum(len(s.rows) for s in sources)
         pad_id = catalogs[0].description["tokenizer"].get("pad_id", 0)
         self.plan = Plan(catalogs, sources, config, rank, max(pad_id, 0), n_draws)
+        self.plan.batches_per_message = batches_per_message(config, batch_bytes_bound(self.plan))
         from mmdata.preflight import check_plan
         check_plan(self.plan, world_size)
         self.epoch, self.consumed = 0, 0
@@ -512,7 +517,9 @@ class MultimodalLoader:
         # Persistent workers only: with fresh workers per epoch, two sets with the same worker ids
         # could be alive at once. Slots, one per message: each a worker may have in flight, one being
         # written, and two the caller may still hold batches of.
-        return SharedSlots(c.num_workers, c.prefetch_factor + 3, bound * batches_per_message(c)) if usable else None
+        if not usable:
+            return None
+        return SharedSlots(c.num_workers, c.prefetch_factor + 3, bound * self.plan.batches_per_message)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (state_dict/load_state_dict for mid-epoch)."""
@@ -559,17 +566,20 @@ def message_groups(messages, batches: int):
         yield group
 
 
-def batches_per_message(config: LoaderConfig) -> int:
-    """Whole batches per worker message: about ``message_samples`` samples, at least one batch.
+def batches_per_message(config: LoaderConfig, batch_bytes: int) -> int:
+    """Whole batches per worker message: up to ``message_samples`` samples and ``message_bytes`` bytes of
+    batches of at most ``batch_bytes`` (0: unknown), at least one batch.
 
     The main process, which is the training loop's, pays DataLoader's receiving
     (queue, unpickling, bookkeeping) once per message: 64 px, batch 64, two
     workers on two cores, 5.8 -> 3.2 µs of its CPU per sample with 4 batches per
-    message, and 3-9% more samples/s (measured). The price is memory: a slot
-    holds a message. A (re)start still waits for one batch only: each worker's
-    first message holds one (see order.worker_messages).
+    message, and 3-9% more samples/s (measured). The price is memory, a slot
+    holds a message, hence the byte bound. A (re)start still waits for one batch
+    only: each worker's first message holds one (see order.worker_messages).
     """
-    return max(1, config.message_samples // config.batch_size)
+    by_samples = config.message_samples // config.batch_size
+    by_bytes = config.message_bytes // batch_bytes if batch_bytes > 0 else by_samples
+    return max(1, min(by_samples, by_bytes))
 
 
 def batch_bytes_bound(plan: Plan) -> int:

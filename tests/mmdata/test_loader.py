@@ -69,6 +69,15 @@ def test_looking_places_up_ahead_does_not_change_the_batches(demo_dataset, monke
     assert batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=2, message_samples=12))) == base
 
 
+def test_messages_hold_whole_batches_up_to_the_sample_and_byte_bounds(demo_dataset):
+    from mmdata.loader import batch_bytes_bound
+    per_message = lambda **kw: MultimodalLoader(loader_config(demo_dataset, **kw)).plan.batches_per_message  # noqa: E731
+    one_batch = batch_bytes_bound(MultimodalLoader(loader_config(demo_dataset)).plan)
+    assert per_message(message_samples=12) == 3 and per_message(message_samples=0) == 1
+    assert per_message(message_samples=1000, message_bytes=2 * one_batch) == 2      # the byte bound wins
+    assert per_message(message_samples=1000, message_bytes=1) == 1                  # never less than a batch
+
+
 def test_message_groups_keep_order_and_size():
     from mmdata.loader import message_groups
     messages = [range(0, 1), range(1, 2), range(2, 5), range(5, 8), range(8, 9)]
