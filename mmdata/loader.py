@@ -557,11 +557,13 @@ class MultimodalLoader:
 def message_groups(messages, batches: int):
     """Consecutive messages in groups of at least ``batches`` batches (the last one may have fewer)."""
     group: list[range] = []
+    size = 0
     for message in messages:
         group.append(message)
-        if sum(map(len, group)) >= batches:
+        size += len(message)
+        if size >= batches:
             yield group
-            group = []
+            group, size = [], 0
     if group:
         yield group
 
