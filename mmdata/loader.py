@@ -441,7 +441,8 @@ class MultimodalLoader:
         n_draws = config.samples_per_epoch or sum(len(s.rows) for s in sources)
         pad_id = catalogs[0].description["tokenizer"].get("pad_id", 0)
         self.plan = Plan(catalogs, sources, config, rank, max(pad_id, 0), n_draws)
-        self.plan.batches_per_message = batches_per_message(config, batch_bytes_bound(self.plan))
+        self.batch_bytes = batch_bytes_bound(self.plan)   # 0 when unknown (see batch_bytes_bound)
+        self.plan.batches_per_message = batches_per_message(config, self.batch_bytes)
         from mmdata.preflight import check_plan
         check_plan(self.plan, world_size)
         self.epoch, self.consumed = 0, 0
@@ -511,15 +512,14 @@ class MultimodalLoader:
     def shared_slots(self) -> SharedSlots | None:
         """Slots for worker -> main transport, or None for pickled batches (see transport.py)."""
         c = self.config
-        bound = batch_bytes_bound(self.plan)
         usable = (c.worker_transport == "shared" and c.num_workers > 0 and c.persistent_workers
-                  and os.name == "posix" and bound > 0)
+                  and os.name == "posix" and self.batch_bytes > 0)
         # Persistent workers only: with fresh workers per epoch, two sets with the same worker ids
         # could be alive at once. Slots, one per message: each a worker may have in flight, one being
         # written, and two the caller may still hold batches of.
         if not usable:
             return None
-        return SharedSlots(c.num_workers, c.prefetch_factor + 3, bound * self.plan.batches_per_message)
+        return SharedSlots(c.num_workers, c.prefetch_factor + 3, self.batch_bytes * self.plan.batches_per_message)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (state_dict/load_state_dict for mid-epoch)."""
