@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from mmdata.decode import AugmentConfig, collate, decode_sample
+from mmdata.load.decode import AugmentConfig, collate, decode_sample
 
 MEMBERS = ("tokens.npy", "jpg", "mel.npy")
 
@@ -61,7 +61,7 @@ def decode_members(sample: dict) -> dict:
 
 def ours(dataset: str, workers: int, batch: int, samples: int) -> Rate:
     from mmdata.config import from_dict
-    from mmdata.loader import LoaderConfig, MultimodalLoader
+    from mmdata.load.loader import LoaderConfig, MultimodalLoader
     # no pinning: the baselines don't pin either (on a CUDA machine the loader would by default)
     config = from_dict(LoaderConfig, {"datasets": [{"path": dataset}], "batch_size": batch, "num_workers": workers,
                                       "pin_memory": False, "samples_per_epoch": samples + (warmup(workers) + 2) * batch})
@@ -161,7 +161,7 @@ def decode_ceiling(dataset: str, workers: int, samples: int, batch: int, distinc
 
 def resume_latency(dataset: str, workers: int, batch: int) -> dict[str, float]:
     from mmdata.config import from_dict
-    from mmdata.loader import LoaderConfig, MultimodalLoader
+    from mmdata.load.loader import LoaderConfig, MultimodalLoader
     config = from_dict(LoaderConfig, {"datasets": [{"path": dataset}], "batch_size": batch, "num_workers": workers})
     probe = MultimodalLoader(config)
     total = len(probe)

@@ -24,7 +24,7 @@ import yaml
 
 def bench_config(manifest: Path, root: Path, tokenizer: str | None, cpus: int) -> dict:
     from mmdata.config import load_config, to_dict
-    from mmdata.pipeline import PreprocessConfig
+    from mmdata.prep.pipeline import PreprocessConfig
     overrides = [f"input.manifest={manifest}", f"output.root={root}", "output.name=bench",
                  f"ray.num_cpus={cpus}", "progress=false"]
     if tokenizer:
@@ -36,11 +36,11 @@ def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> dict:
     """Samples/s of each modality's code and of all together, single process."""
     import torch
     from mmdata.config import from_dict
-    from mmdata.pipeline import PreprocessConfig
-    from mmdata.process import Job, build_sample, encode_modality
-    from mmdata.sources import iter_records
+    from mmdata.prep.pipeline import PreprocessConfig
+    from mmdata.prep.partition import Job, build_sample, encode_modality
+    from mmdata.prep.sources import iter_records
     from mmdata.storage import read_bytes
-    from mmdata.text import load_tokenizer
+    from mmdata.prep.text import load_tokenizer
     torch.set_num_threads(1)
     config = from_dict(PreprocessConfig, config_dict)
     model = read_bytes(config.text.tokenizer, {})
@@ -134,7 +134,7 @@ def main() -> None:
     tok_root = work / "tok"
     tok_cfg = bench_config(data / "manifest.jsonl", tok_root, None, args.cpus)
     from mmdata.config import from_dict
-    from mmdata.pipeline import PreprocessConfig, get_tokenizer, scan_input
+    from mmdata.prep.pipeline import PreprocessConfig, get_tokenizer, scan_input
     cfg = from_dict(PreprocessConfig, tok_cfg)
     tok_root.mkdir(parents=True, exist_ok=True)
     (tok_root / "tokenizer.model").write_bytes(get_tokenizer(cfg, scan_input(cfg)))

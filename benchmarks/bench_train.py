@@ -25,7 +25,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16
 
 def flops_per_sample(state, stream, config, d) -> float:
     from torch.utils.flop_counter import FlopCounterMode
-    from mmdata.loader import move_to
+    from mmdata.load.loader import move_to
     from mmtrain.losses import total_loss
     batch = move_to(next(stream), d.device)
     with FlopCounterMode(display=False) as counter:

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_preprocess(args) -> int:
     from mmdata.config import load_config
-    from mmdata.pipeline import PreprocessConfig, preprocess
+    from mmdata.prep.pipeline import PreprocessConfig, preprocess
     config = load_config(PreprocessConfig, args.config, args.overrides)
     result = preprocess(config)
     print(format_result(result))

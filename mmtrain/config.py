@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmdata.config import require, require_choice
-from mmdata.loader import LoaderConfig
+from mmdata.load.loader import LoaderConfig
 from mmtrain.model import ModelConfig
 
 

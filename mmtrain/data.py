@@ -8,7 +8,7 @@ from mmdata import storage
 from mmdata.config import ConfigError, load_config
 from mmdata.dataset import dataset_dir, load_description
 from mmdata.schema import DATASET_JSON
-from mmdata.loader import DatasetSource, MultimodalLoader
+from mmdata.load.loader import DatasetSource, MultimodalLoader
 from mmtrain.config import DataConfig, ExperimentConfig
 from mmtrain.distributed import Dist, broadcast_object
 
@@ -19,7 +19,7 @@ def resolve_dataset(data: DataConfig, d: Dist) -> str:
         return data.dataset
     path = None
     if d.is_main:
-        from mmdata.pipeline import PreprocessConfig, preprocess
+        from mmdata.prep.pipeline import PreprocessConfig, preprocess
         config = load_config(PreprocessConfig, data.preprocess, data.preprocess_overrides)
         result = preprocess(config)
         print(f"data: {'reused' if result.reused_dataset else 'built'} {result.dataset} "
@@ -36,7 +36,7 @@ def dataset_facts(dataset: str) -> dict:
     if labels:
         num_classes = len(labels)
     else:
-        from mmdata.catalog import load_catalog
+        from mmdata.load.catalog import load_catalog
         num_classes = int(load_catalog(dataset).label.max(initial=-1)) + 1
     return {"vocab_size": description["tokenizer"]["vocab_size"], "image_size": config["image"]["size"],
             "n_mels": config["audio"]["n_mels"], "num_classes": num_classes, "labels": labels}

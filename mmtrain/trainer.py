@@ -19,7 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from mmdata.config import ConfigError, to_dict
-from mmdata.loader import MultimodalLoader, move_to
+from mmdata.load.loader import MultimodalLoader, move_to
 from mmtrain import checkpoint
 from mmtrain.config import ExperimentConfig
 from mmtrain.data import data_changed_message, dataset_facts, eval_loader, resolve_dataset, train_loader

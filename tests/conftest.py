@@ -24,7 +24,7 @@ def demo_dir(tmp_path_factory) -> Path:
 def demo_dataset(demo_dir, tmp_path_factory) -> str:
     """The 48 demo samples preprocessed into 10 small shards (5 samples each, one of 3)."""
     from helpers import preprocess_config
-    from mmdata.pipeline import preprocess
+    from mmdata.prep.pipeline import preprocess
     root = tmp_path_factory.mktemp("dataset")
     config = preprocess_config(demo_dir / "manifest.jsonl", root, "output.samples_per_shard=5")
     return preprocess(config, log=lambda _: None).dataset

@@ -13,7 +13,7 @@ from pathlib import Path
 def preprocess_config(manifest, root, *overrides: str):
     """A small, fast PreprocessConfig for tests (serial executor unless overridden)."""
     from mmdata.config import load_config
-    from mmdata.pipeline import PreprocessConfig
+    from mmdata.prep.pipeline import PreprocessConfig
     base = [f"input.manifest={manifest}", f"output.root={root}", "output.name=t",
             "output.samples_per_shard=12", "text.vocab_size=128", "text.max_tokens=24",
             "image.size=32", "audio.n_mels=32", "audio.max_seconds=2.0", "progress=false",
@@ -38,7 +38,7 @@ def dataset_files(dataset: str | Path) -> dict[str, bytes]:
 def loader_config(*datasets: str, **overrides):
     """A LoaderConfig over dataset directories, small and fast for tests."""
     from mmdata.config import from_dict, validate_tree
-    from mmdata.loader import LoaderConfig
+    from mmdata.load.loader import LoaderConfig
     # two batches per worker message by default, so that tests cross message boundaries
     data = {"datasets": [{"path": str(d)} for d in datasets], "batch_size": 4, "num_workers": 0,
             "shuffle_window": 3, "message_samples": 8}

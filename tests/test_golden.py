@@ -52,7 +52,7 @@ def dataset_digest(dataset: str | Path) -> str:
 
 def loader_digest(dataset: str) -> str:
     from helpers import loader_config
-    from mmdata.loader import MultimodalLoader
+    from mmdata.load.loader import MultimodalLoader
     config = loader_config(dataset, batch_size=6, seed=3, normalize_images=True,
                            augment={"image_crop": True, "image_flip": True, "mel_freq_masks": 1, "mel_time_masks": 2})
     digest = hashlib.sha256()
@@ -83,7 +83,7 @@ def test_demo_shards_are_byte_identical(demo_dataset):
 
 def test_variant_shards_are_byte_identical(demo_dir, tmp_path):
     from helpers import preprocess_config
-    from mmdata.pipeline import preprocess
+    from mmdata.prep.pipeline import preprocess
     config = preprocess_config(demo_dir / "manifest.jsonl", tmp_path, *VARIANT)
     assert dataset_digest(preprocess(config, log=lambda _: None).dataset) == GOLDEN_SHARDS_VARIANT
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import loader_config
-from mmdata.loader import MultimodalLoader
+from mmdata.load.loader import MultimodalLoader
 
 
 def main(dataset: str, out: str) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from helpers import preprocess_config
 from mmdata.cli import main
-from mmdata.pipeline import preprocess
+from mmdata.prep.pipeline import preprocess
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import batch_ids, loader_config, make_bucket
-from mmdata.loader import MultimodalLoader
+from mmdata.load.loader import MultimodalLoader
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
@@ -60,7 +60,7 @@ KILLED = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
 from helpers import loader_config
-from mmdata.loader import MultimodalLoader
+from mmdata.load.loader import MultimodalLoader
 loader = MultimodalLoader(loader_config({dataset!r}, num_workers=2, persistent_workers=True))
 it = iter(loader)
 next(it)

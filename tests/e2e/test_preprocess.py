@@ -15,7 +15,7 @@ from PIL import Image
 
 from helpers import dataset_files, preprocess_config
 from mmdata.dataset import verify
-from mmdata.pipeline import preprocess
+from mmdata.prep.pipeline import preprocess
 from mmdata.schema import make_key
 
 

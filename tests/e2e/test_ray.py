@@ -11,7 +11,7 @@ import yaml
 
 from helpers import dataset_files, free_port, preprocess_config
 from mmdata.config import to_dict
-from mmdata.pipeline import preprocess
+from mmdata.prep.pipeline import preprocess
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from helpers import dataset_files, preprocess_config
-from mmdata.pipeline import preprocess
+from mmdata.prep.pipeline import preprocess
 
 QUIET = {"log": lambda _: None}
 

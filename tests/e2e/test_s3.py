@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import dataset_files, make_bucket, preprocess_config
-from mmdata.pipeline import preprocess
+from mmdata.prep.pipeline import preprocess
 
 pytestmark = pytest.mark.slow
 

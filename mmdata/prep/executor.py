@@ -14,8 +14,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from mmdata.process import Job, run_partition
-from mmdata.sources import Record
+from mmdata.prep.partition import Job, run_partition
+from mmdata.prep.sources import Record
 
 Partitions = Iterator[tuple[int, list[Record], set[int]]]
 
@@ -61,7 +61,7 @@ def run_partition_on_node(job: Job, k: int, records: list[Record], duplicates: s
 def warm_worker() -> int:
     """Import the processing stack (torch, torchaudio, Pillow...) so the first partition does not pay for it."""
     import importlib
-    importlib.import_module("mmdata.process")
+    importlib.import_module("mmdata.prep.partition")
     return os.getpid()
 
 

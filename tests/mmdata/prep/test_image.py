@@ -1,4 +1,4 @@
-"""mmdata.image: decode -> orient -> RGB -> resize -> re-encode, and its errors.
+"""mmdata.prep.image: decode -> orient -> RGB -> resize -> re-encode, and its errors.
 
 Inputs are built in memory with Pillow. Outputs are checked as PNG where
 exact pixel values matter (lossless), as JPEG where only sizes do.
@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from mmdata.config import ConfigError, validate_tree
-from mmdata.image import ImageConfig, encode_image
+from mmdata.prep.image import ImageConfig, encode_image
 from mmdata.schema import SampleError
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from mmdata import storage
-from mmdata.audio import encode_audio
-from mmdata.image import encode_image
+from mmdata.prep.audio import encode_audio
+from mmdata.prep.image import encode_image
 from mmdata.schema import ERRORS_JSONL, JSON, LABEL, SampleError, make_key
-from mmdata.sources import Record
-from mmdata.text import encode_text, load_tokenizer
+from mmdata.prep.sources import Record
+from mmdata.prep.text import encode_text, load_tokenizer
 
 SUMMARY = "summary.json"
 

@@ -13,11 +13,11 @@ import torch
 
 from helpers import batch_ids, loader_config
 from mmdata.config import ConfigError
-from mmdata.loader import LoaderError, MultimodalLoader
+from mmdata.load.loader import LoaderError, MultimodalLoader
 
 
 def all_ids(dataset) -> set[str]:
-    from mmdata.catalog import load_catalog
+    from mmdata.load.catalog import load_catalog
     return set(load_catalog(dataset).ids.to_pylist())
 
 
@@ -50,7 +50,7 @@ def test_order_is_a_function_of_seed_and_epoch(demo_dataset):
     two_epochs = MultimodalLoader(loader_config(demo_dataset))
     assert batch_ids(two_epochs) == first and batch_ids(two_epochs) != first
     ordered = [i for b in batch_ids(MultimodalLoader(loader_config(demo_dataset, shuffle=False))) for i in b]
-    from mmdata.catalog import load_catalog
+    from mmdata.load.catalog import load_catalog
     assert ordered == load_catalog(demo_dataset).ids.to_pylist()[: len(ordered)]
 
 
@@ -63,14 +63,14 @@ def test_worker_count_and_message_size_do_not_change_the_batches(demo_dataset):
 
 @pytest.mark.parametrize("lookup_samples", [1, 12, 10**6])
 def test_looking_places_up_ahead_does_not_change_the_batches(demo_dataset, monkeypatch, lookup_samples):
-    import mmdata.loader as loader_module
+    import mmdata.load.loader as loader_module
     base = batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=0, message_samples=0)))
     monkeypatch.setattr(loader_module, "LOOKUP_SAMPLES", lookup_samples)   # forked workers inherit it
     assert batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=2, message_samples=12))) == base
 
 
 def test_messages_hold_whole_batches_up_to_the_sample_and_byte_bounds(demo_dataset):
-    from mmdata.loader import batch_bytes_bound
+    from mmdata.load.loader import batch_bytes_bound
     per_message = lambda **kw: MultimodalLoader(loader_config(demo_dataset, **kw)).plan.batches_per_message  # noqa: E731
     one_batch = batch_bytes_bound(MultimodalLoader(loader_config(demo_dataset)).plan)
     assert per_message(message_samples=12) == 3 and per_message(message_samples=0) == 1
@@ -79,7 +79,7 @@ def test_messages_hold_whole_batches_up_to_the_sample_and_byte_bounds(demo_datas
 
 
 def test_message_groups_keep_order_and_size():
-    from mmdata.loader import message_groups
+    from mmdata.load.loader import message_groups
     messages = [range(0, 1), range(1, 2), range(2, 5), range(5, 8), range(8, 9)]
     groups = list(message_groups(iter(messages), 4))
     assert [m for g in groups for m in g] == messages
@@ -89,7 +89,7 @@ def test_message_groups_keep_order_and_size():
 @pytest.mark.parametrize("first, total, workers, per_message", [
     (0, 12, 2, 2), (5, 12, 2, 3), (0, 7, 3, 4), (3, 4, 2, 5), (0, 1, 3, 2), (4, 4, 2, 2), (0, 9, 1, 1)])
 def test_worker_messages_deliver_each_batch_in_order_and_the_first_ones_alone(first, total, workers, per_message):
-    from mmdata.order import worker_messages
+    from mmdata.load.order import worker_messages
     queues = [list(worker_messages(first, total, w, workers, per_message)) for w in range(workers)]
     received = []                         # as DataLoader delivers them: round-robin over workers, in order
     for turn in range(max(map(len, queues))):
@@ -125,8 +125,8 @@ def test_exact_resume_yields_the_same_next_batches(demo_dataset, stop_after, mes
 
 
 def test_resuming_reads_and_decodes_only_the_samples_still_to_come(demo_dataset, monkeypatch):
-    import mmdata.loader as loader_module
-    from mmdata.reader import ShardReader
+    import mmdata.load.loader as loader_module
+    from mmdata.load.reader import ShardReader
     read, decoded = [], []
     real_read, real_decode = ShardReader.read_batch, loader_module.decode_sample
     monkeypatch.setattr(ShardReader, "read_batch", lambda self, urls, *a: read.extend(urls) or real_read(self, urls, *a))
@@ -179,7 +179,7 @@ def test_elastic_resume_yields_each_remaining_sample_once(demo_dataset, new_worl
 
 @pytest.mark.parametrize("kind", ["string", "large_string"])
 def test_ids_are_sliced_from_the_index_exactly(demo_dataset, kind):
-    from mmdata.catalog import load_catalog
+    from mmdata.load.catalog import load_catalog
     catalog = load_catalog(demo_dataset)
     rows = np.random.default_rng(0).integers(0, len(catalog) - 1, 30)
     assert catalog.ids_of(rows) == catalog.ids.take(rows).to_pylist()
@@ -207,7 +207,7 @@ def test_mixing_follows_the_weights_and_counts_sources(demo_dataset, tmp_path):
     (other / "dataset.json").write_text(json.dumps(description))
     config = loader_config(demo_dataset, samples_per_epoch=2000, batch_size=20, modalities=["text"])
     config.datasets[0].weight = 0.7
-    from mmdata.loader import DatasetSource
+    from mmdata.load.loader import DatasetSource
     config.datasets.append(DatasetSource(str(other), 0.3))
     loader = MultimodalLoader(config)
     for batch in loader:
@@ -222,7 +222,7 @@ def test_mixing_follows_the_weights_and_counts_sources(demo_dataset, tmp_path):
 def test_modality_selection_reads_only_those_members(demo_dataset, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(demo_dataset, copy)
-    from mmdata.catalog import load_catalog
+    from mmdata.load.catalog import load_catalog
     catalog = load_catalog(str(copy))
     shard = copy / "shard-000000.tar"
     data = bytearray(shard.read_bytes())

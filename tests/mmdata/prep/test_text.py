@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmdata.schema import SampleError
-from mmdata.text import TextConfig, encode_text, load_tokenizer, train_tokenizer
+from mmdata.prep.text import TextConfig, encode_text, load_tokenizer, train_tokenizer
 
 TEXTS = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square")
          for p in ("left", "right", "top")] * 5

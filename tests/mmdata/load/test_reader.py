@@ -13,7 +13,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from mmdata.config import ConfigError
-from mmdata.reader import ReadConfig, ShardReader, ShardReadError, cache_name, merge_ranges
+from mmdata.load.reader import ReadConfig, ShardReader, ShardReadError, cache_name, merge_ranges
 
 DATA = bytes(range(256)) * 4   # 1024 bytes, every offset distinguishable
 
@@ -66,8 +66,8 @@ def test_merge_ranges_joins_nearby_and_overlapping_ranges():
 
 
 def test_local_reads_join_neighbouring_members_only(demo_dataset):
-    from mmdata.catalog import load_catalog
-    from mmdata.reader import ADJACENT
+    from mmdata.load.catalog import load_catalog
+    from mmdata.load.reader import ADJACENT
     catalog = load_catalog(demo_dataset)
     exts = ("tokens.npy", "jpg", "mel.npy")
     row = next(r for r in range(len(catalog)) if all(catalog.offsets[e][r] >= 0 for e in exts))

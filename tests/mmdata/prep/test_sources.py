@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmdata.config import ConfigError
-from mmdata.sources import InputConfig, check_readable, expand_braces, iter_records
+from mmdata.prep.sources import InputConfig, check_readable, expand_braces, iter_records
 
 ROWS = [
     {"id": "a", "text": "hello", "image": "img/a.jpg", "audio": None, "label": "cat", "lang": "en"},

@@ -1,4 +1,4 @@
-"""mmdata.audio: decode -> mono -> resample -> trim/pad -> log-mel (+ FLAC), and its errors.
+"""mmdata.prep.audio: decode -> mono -> resample -> trim/pad -> log-mel (+ FLAC), and its errors.
 
 Inputs are sine waves synthesised with numpy and written with soundfile into
 memory; nothing touches disk or the network.
@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from mmdata.audio import AudioConfig, encode_audio
+from mmdata.prep.audio import AudioConfig, encode_audio
 from mmdata.config import ConfigError, validate_tree
 from mmdata.schema import FLAC, MEL, SampleError
 

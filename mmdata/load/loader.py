@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmdata.catalog import Catalog, load_catalog, split_mask
+from mmdata.load.catalog import Catalog, load_catalog, split_mask
 from mmdata.config import ConfigError, require, require_choice
-from mmdata.decode import MODALITY_MEMBERS, AugmentConfig, DecodeError, collate, decode_sample
-from mmdata.order import (Layout, Source, batches_in_plan, epoch_plan, mixed_order, plan_length,
+from mmdata.load.decode import MODALITY_MEMBERS, AugmentConfig, DecodeError, collate, decode_sample
+from mmdata.load.order import (Layout, Source, batches_in_plan, epoch_plan, mixed_order, plan_length,
                           rank_batch, worker_messages)
-from mmdata.reader import ReadConfig, ShardReader, ShardReadError
-from mmdata.transport import SharedSlots, numpy_dtype
+from mmdata.load.reader import ReadConfig, ShardReader, ShardReadError
+from mmdata.load.transport import SharedSlots, numpy_dtype
 
 STATE_VERSION = 1
 MAX_LAYOUTS = 16
@@ -443,7 +443,7 @@ class MultimodalLoader:
         self.plan = Plan(catalogs, sources, config, rank, max(pad_id, 0), n_draws)
         self.batch_bytes = batch_bytes_bound(self.plan)   # 0 when unknown (see batch_bytes_bound)
         self.plan.batches_per_message = batches_per_message(config, self.batch_bytes)
-        from mmdata.preflight import check_plan
+        from mmdata.load.preflight import check_plan
         check_plan(self.plan, world_size)
         self.epoch, self.consumed = 0, 0
         self.layouts = [Layout(0, config.batch_size, world_size)]

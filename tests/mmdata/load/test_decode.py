@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mmdata.config import ConfigError
-from mmdata.decode import AugmentConfig, DecodeError, collate, decode_sample
+from mmdata.load.decode import AugmentConfig, DecodeError, collate, decode_sample
 
 NO_AUGMENT = AugmentConfig()
 
@@ -65,7 +65,7 @@ def test_only_json_gives_none_modalities_and_cls_label_wins():
 @pytest.mark.parametrize("native_op", [True, False])
 def test_jpeg_and_png_decode_without_warnings_through_the_op_or_the_public_wrapper(monkeypatch, native_op):
     import warnings
-    import mmdata.decode as decode
+    import mmdata.load.decode as decode
     assert decode._IMAGE_OP is not None   # this torchvision has the op: the fast path is the one that runs
     if not native_op:
         monkeypatch.setattr(decode, "_IMAGE_OP", None)
@@ -170,7 +170,7 @@ def test_collate_pads_smaller_images_top_left():
 
 
 def test_collated_images_keep_every_pixel_in_place_in_channels_last_memory():
-    from mmdata.decode import IMAGENET_MEAN, IMAGENET_STD, collate_images
+    from mmdata.load.decode import IMAGENET_MEAN, IMAGENET_STD, collate_images
     images = [torch.arange(3 * 4 * 5, dtype=torch.uint8).view(3, 4, 5) + i for i in range(2)]
     hwc = [x.permute(1, 2, 0).contiguous().permute(2, 0, 1) for x in images]      # how decoders lay pixels out
     for given in (images, hwc):
@@ -276,7 +276,7 @@ def test_augment_config_validate_names_the_field(field, value):
 
 
 def test_npy_members_with_lying_headers_or_odd_layouts_are_handled_safely():
-    from mmdata.decode import _load_npy
+    from mmdata.load.decode import _load_npy
     buf = io.BytesIO()
     np.save(buf, np.arange(100, dtype=np.int32), allow_pickle=False)
     with pytest.raises(ValueError):

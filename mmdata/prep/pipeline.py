@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from mmdata import storage
-from mmdata.audio import AudioConfig
+from mmdata.prep.audio import AudioConfig
 from mmdata.config import ConfigError, require, require_choice, to_dict
 from mmdata.dataset import dataset_dir
-from mmdata.image import ImageConfig
-from mmdata.process import Job, is_int_like
+from mmdata.prep.image import ImageConfig
+from mmdata.prep.partition import Job, is_int_like
 from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, INDEX_DIR, PROCESSING_VERSION,
                            TOKENIZER_FILE)
-from mmdata.sources import InputConfig, Record, check_readable, iter_records
-from mmdata.text import TextConfig, check_text, load_tokenizer, train_tokenizer
+from mmdata.prep.sources import InputConfig, Record, check_readable, iter_records
+from mmdata.prep.text import TextConfig, check_text, load_tokenizer, train_tokenizer
 
 STORE = ".store"
 
@@ -178,7 +178,7 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     salt = job_salt(config, tokenizer, labels)
     job = Job(config, tokenizer, labels, salt, storage.join(config.output.root, STORE))
     phases["tokenizer"] = time.perf_counter() - start - phases["scan"]
-    from mmdata.executor import run_all
+    from mmdata.prep.executor import run_all
     summaries = run_all(job, iter_partitions(config, scan), scan.rows, config, phases)
     mark = time.perf_counter()
     fingerprint = hashlib.sha256((salt + "".join(s["fingerprint"] for s in summaries)).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Loading: dataset directories -> ordered, resumable batches for PyTorch (see loader.py)."""

@@ -1,0 +1,1 @@
+"""Preprocessing: input rows -> partitions -> per-modality encoders -> shards (see pipeline.py)."""
