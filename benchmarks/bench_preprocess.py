@@ -24,7 +24,7 @@ import yaml
 
 def bench_config(manifest: Path, root: Path, tokenizer: str | None, cpus: int) -> dict:
     from mmdata.config import load_config, to_dict
-    from mmdata.prep.pipeline import PreprocessConfig
+    from mmdata.prep.config import PreprocessConfig
     overrides = [f"input.manifest={manifest}", f"output.root={root}", "output.name=bench",
                  f"ray.num_cpus={cpus}", "progress=false"]
     if tokenizer:
@@ -36,33 +36,35 @@ def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> dict:
     """Samples/s of each modality's code and of all together, single process."""
     import torch
     from mmdata.config import from_dict
-    from mmdata.prep.pipeline import PreprocessConfig
-    from mmdata.prep.partition import Job, build_sample, encode_modality
+    from mmdata.prep.config import PreprocessConfig
+    from mmdata.prep.partition import Job, build_sample, modality_encoders, raw_input
     from mmdata.prep.sources import iter_records
-    from mmdata.storage import read_bytes
     from mmdata.prep.text import load_tokenizer
+    from mmdata.storage import read_bytes
     torch.set_num_threads(1)
     config = from_dict(PreprocessConfig, config_dict)
     model = read_bytes(config.text.tokenizer, {})
     tokenizer = load_tokenizer(model)
     records = [r for _, r in zip(range(limit), iter_records(config.input))]
     job = Job(config, model, None, "", "")
+    encoders = modality_encoders(tokenizer)
+    encode = lambda modality, raw: encoders[modality](raw_input(modality, raw, job), getattr(config, modality))  # noqa: E731
     for record in records[:20]:  # warm caches (resample kernels, mel filterbanks) as a long job would
-        for modality in ("text", "image", "audio"):
+        for modality in encoders:
             if getattr(record, modality) is not None:
-                encode_modality(modality, getattr(record, modality), job, tokenizer)
+                encode(modality, getattr(record, modality))
     rates = {}
-    for modality in ("text", "image", "audio"):
+    for modality in encoders:
         items = [getattr(r, modality) for r in records if getattr(r, modality) is not None]
         start = time.perf_counter()
         for raw in items:
-            encode_modality(modality, raw, job, tokenizer)
+            encode(modality, raw)
         rates[modality] = len(items) / (time.perf_counter() - start)
     labels = {name: i for i, name in enumerate(sorted({str(r.label) for r in records}))}
     job = Job(config, model, labels, "", "")
     start = time.perf_counter()
     for record in records:
-        build_sample(record, job, tokenizer, False)
+        build_sample(record, job, encoders, False)
     rates["all"] = len(records) / (time.perf_counter() - start)
     return rates
 
@@ -134,7 +136,8 @@ def main() -> None:
     tok_root = work / "tok"
     tok_cfg = bench_config(data / "manifest.jsonl", tok_root, None, args.cpus)
     from mmdata.config import from_dict
-    from mmdata.prep.pipeline import PreprocessConfig, get_tokenizer, scan_input
+    from mmdata.prep.config import PreprocessConfig
+    from mmdata.prep.pipeline import get_tokenizer, scan_input
     cfg = from_dict(PreprocessConfig, tok_cfg)
     tok_root.mkdir(parents=True, exist_ok=True)
     (tok_root / "tokenizer.model").write_bytes(get_tokenizer(cfg, scan_input(cfg)))

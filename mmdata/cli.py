@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="summarise a dataset directory")
     p.add_argument("dataset")
-    p.set_defaults(run=lambda a: print(__import__("mmdata.dataset").dataset.describe(a.dataset)) or 0)
+    p.set_defaults(run=run_info)
 
     p = sub.add_parser("verify", help="re-read every shard and check it against the index and counts")
     p.add_argument("dataset")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("wids-index", help="write DATASET/wids-index.json for the wids library")
     p.add_argument("dataset")
-    p.set_defaults(run=lambda a: print(__import__("mmdata.dataset").dataset.write_wids_index(a.dataset)) or 0)
+    p.set_defaults(run=run_wids_index)
 
     p = sub.add_parser("show", help="draw a contact sheet (images, captions, mel spectrograms)")
     p.add_argument("dataset")
@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_preprocess(args) -> int:
     from mmdata.config import load_config
-    from mmdata.prep.pipeline import PreprocessConfig, preprocess
+    from mmdata import PreprocessConfig, preprocess
     config = load_config(PreprocessConfig, args.config, args.overrides)
     result = preprocess(config)
     print(format_result(result))
     if result.error_rate > config.max_error_rate:
-        print(f"error: {result.totals['rejected']} of {result.totals['samples_in']} samples were rejected "
+        print(f"error: {result.totals.rejected} of {result.totals.samples_in} samples were rejected "
               f"({result.error_rate:.1%}), over max_error_rate={config.max_error_rate:.1%}; "
               f"see {result.dataset}/errors.jsonl", file=sys.stderr)
         return 1
@@ -89,16 +89,16 @@ def run_preprocess(args) -> int:
 
 def format_result(result) -> str:
     t = result.totals
-    rate = t["samples_in"] / max(result.seconds, 1e-9)
+    rate = t.samples_in / max(result.seconds, 1e-9)
     what = ("reused dataset (nothing to do)" if result.reused_dataset and not result.partitions_built
             else f"{result.partitions_built} partitions built, {result.partitions_reused} reused")
     lines = [
         f"dataset    {result.dataset}",
         f"status     {what}",
-        f"samples    {t['written']} written, {t['rejected']} rejected, {t['samples_in']} input",
-        "modalities " + (", ".join(f"{m} {n}" for m, n in t["modalities"].items()) or "none"),
-        "errors     " + (", ".join(f"{r} {n}" for r, n in t["errors_by_reason"].items()) or "none"),
-        f"shards     {t['shards']}, {t['bytes'] / 1e6:.1f} MB",
+        f"samples    {t.written} written, {t.rejected} rejected, {t.samples_in} input",
+        "modalities " + (", ".join(f"{m} {n}" for m, n in t.modalities.items()) or "none"),
+        "errors     " + (", ".join(f"{r} {n}" for r, n in t.errors_by_reason.items()) or "none"),
+        f"shards     {t.shards}, {t.bytes / 1e6:.1f} MB",
         f"time       {result.seconds:.1f} s, {rate:.0f} samples/s on {result.nodes} node(s)",
         "phases     " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()),
     ]
@@ -112,8 +112,20 @@ def run_demo(args) -> int:
     return 0
 
 
+def run_info(args) -> int:
+    from mmdata.verify import describe
+    print(describe(args.dataset))
+    return 0
+
+
+def run_wids_index(args) -> int:
+    from mmdata.dataset import write_wids_index
+    print(write_wids_index(args.dataset))
+    return 0
+
+
 def run_verify(args) -> int:
-    from mmdata.dataset import verify
+    from mmdata.verify import verify
     problems, checked = verify(args.dataset)
     for problem in problems:
         print(problem)

@@ -1,33 +1,175 @@
-"""Reading a finished dataset directory: its description, a summary, a full verification."""
+"""A dataset directory's description (``dataset.json``) as one typed, validated object.
+
+``dataset.json`` is written last by preprocessing, so its presence means the
+directory is complete. Everything a reader needs of a dataset besides the
+index and the shards is in it: the image size, mel bins and sample rate the
+members were made with, the tokenizer's vocabulary and special ids, label
+names, the shard list with counts, totals and fingerprints. It is parsed and
+checked once, here; the loader, the trainer and the tools use the fields.
+The format is described in docs/format.md.
+"""
 
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 from collections import Counter
-
-import numpy as np
-import pyarrow.parquet as pq
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from mmdata import storage
-from mmdata.schema import DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, INDEX_DIR, JSON
+from mmdata.schema import DATASET_JSON, FORMAT_VERSION, INDEX_DIR, PROCESSING_VERSION, index_name
 
 
 class DatasetError(Exception):
     """The directory is not a complete dataset this version can read."""
 
 
-def load_description(dataset: str, storage_options: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str                 # shard-000007.tar (see schema.shard_name)
+    samples: int
+    bytes: int
+    partition: int            # the input partition it was built from
+    fingerprint: str          # that partition's fingerprint (its folder in the store)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    file: str                 # the SentencePiece model, next to dataset.json
+    sha256: str
+    vocab_size: int
+    trained: bool             # trained on the input (else given in text.tokenizer)
+    bos_id: int               # -1 when the model has none
+    eos_id: int
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Counts over partitions; they add: ``sum(parts, start=Totals())``."""
+    samples_in: int = 0
+    written: int = 0
+    rejected: int = 0
+    bytes: int = 0
+    shards: int = 0
+    modalities: dict[str, int] = field(default_factory=dict)        # samples that have each modality
+    errors_by_reason: dict[str, int] = field(default_factory=dict)  # error entries by reason
+
+    def __add__(self, other: "Totals") -> "Totals":
+        return Totals(self.samples_in + other.samples_in, self.written + other.written,
+                      self.rejected + other.rejected, self.bytes + other.bytes, self.shards + other.shards,
+                      sorted_counts(Counter(self.modalities) + Counter(other.modalities)),
+                      sorted_counts(Counter(self.errors_by_reason) + Counter(other.errors_by_reason)))
+
+    @property
+    def error_rate(self) -> float:
+        return self.rejected / max(1, self.samples_in)
+
+    def to_json(self) -> dict:
+        return {"samples_in": self.samples_in, "written": self.written, "rejected": self.rejected,
+                "bytes": self.bytes, "shards": self.shards, "modalities": dict(self.modalities),
+                "errors_by_reason": dict(self.errors_by_reason)}
+
+
+def sorted_counts(counts: dict[str, int]) -> dict[str, int]:
+    return dict(sorted(counts.items()))
+
+
+@dataclass(frozen=True)
+class DatasetDescription:
+    url: str                          # the dataset directory it was read from
+    name: str
+    fingerprint: str                  # of the whole dataset: partitions + output-affecting config
+    format_version: int
+    processing_version: int
+    image_size: int                   # stored images fit (or fill) size x size
+    n_mels: int
+    sample_rate: int
+    tokenizer: TokenizerInfo
+    labels: dict[str, int] | None     # label name -> class, when the input's labels are names
+    shards: tuple[ShardInfo, ...]
+    totals: Totals
+    source: dict[str, Any]            # the input it was built from (manifest or tars, rows)
+    config: dict[str, Any]            # the full preprocess config, for the record
+    versions: dict[str, str]          # library versions that built it
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {i: name for name, i in (self.labels or {}).items()}
+
+    def shard_url(self, shard: ShardInfo) -> str:
+        return storage.join(self.url, shard.name)
+
+    def index_url(self, shard: ShardInfo) -> str:
+        return storage.join(self.url, index_name(shard.name))
+
+    @classmethod
+    def from_json(cls, doc: Any, url: str) -> "DatasetDescription":
+        """Parse and check a dataset.json document; DatasetError names the file and the key."""
+        if not isinstance(doc, dict):
+            raise DatasetError(f"{storage.join(url, DATASET_JSON)} does not hold a JSON object")
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(f"{url} has format version {doc.get('format_version')}; "
+                               f"this mmdata reads version {FORMAT_VERSION}")
+        get = Fields(doc, storage.join(url, DATASET_JSON))
+        tokenizer = TokenizerInfo(**{f: get(f"tokenizer.{f}", t) for f, t in (
+            ("file", str), ("sha256", str), ("vocab_size", int), ("trained", bool),
+            ("bos_id", int), ("eos_id", int), ("pad_id", int))})
+        shards = tuple(ShardInfo(**{f: get(f"shards[{i}].{f}", t) for f, t in (
+            ("name", str), ("samples", int), ("bytes", int), ("partition", int), ("fingerprint", str))})
+            for i in range(len(get("shards", list))))
+        totals = Totals(**{f: get(f"totals.{f}", t) for f, t in (
+            ("samples_in", int), ("written", int), ("rejected", int), ("bytes", int), ("shards", int),
+            ("modalities", dict), ("errors_by_reason", dict))})
+        return cls(url=url, name=get("name", str), fingerprint=get("fingerprint", str),
+                   format_version=FORMAT_VERSION, processing_version=get("processing_version", int),
+                   image_size=get("config.image.size", int), n_mels=get("config.audio.n_mels", int),
+                   sample_rate=get("config.audio.sample_rate", int), tokenizer=tokenizer,
+                   labels=get("labels", dict, optional=True), shards=shards, totals=totals,
+                   source=get("source", dict), config=get("config", dict), versions=get("versions", dict))
+
+
+def description_json(name: str, fingerprint: str, config: dict, source: dict, labels: dict[str, int] | None,
+                     tokenizer: TokenizerInfo, shards: list[ShardInfo], totals: Totals, versions: dict) -> dict:
+    """The dataset.json document that ``DatasetDescription.from_json`` reads back."""
+    return {"format_version": FORMAT_VERSION, "processing_version": PROCESSING_VERSION, "name": name,
+            "fingerprint": fingerprint, "config": config, "source": source, "labels": labels,
+            "tokenizer": asdict(tokenizer), "shards": [asdict(s) for s in shards], "index": INDEX_DIR,
+            "totals": totals.to_json(), "versions": versions}
+
+
+class Fields:
+    """Typed access to a JSON document by dotted key, with errors that name the file and the key."""
+
+    def __init__(self, doc: dict, where: str):
+        self.doc, self.where = doc, where
+
+    def __call__(self, key: str, kind: type, optional: bool = False):
+        value: Any = self.doc
+        for part in key.replace("[", ".[").split("."):
+            if part.startswith("["):
+                index = int(part[1:-1])
+                value = value[index] if isinstance(value, list) and index < len(value) else None
+            else:
+                value = value.get(part) if isinstance(value, dict) else None
+        if value is None and optional:
+            return None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DatasetError(f"{self.where}: {key} must be {kind.__name__}, found {value!r}; the file is damaged "
+                               "or was not written by mmdata preprocess (rebuild the dataset)")
+        return value
+
+
+def load_description(dataset: str, storage_options: dict | None = None) -> DatasetDescription:
+    """The description of the complete dataset at ``dataset`` (a local path or fsspec URL)."""
     url = storage.join(dataset, DATASET_JSON)
     if not storage.exists(url, storage_options or {}):
         raise DatasetError(f"{dataset} is not a complete mmdata dataset: {DATASET_JSON} is missing "
                            "(it is written last; did `mmdata preprocess` finish?)")
-    description = storage.read_json(url, storage_options or {})
-    if description.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{dataset} has format version {description.get('format_version')}; "
-                           f"this mmdata reads version {FORMAT_VERSION}")
-    return description
+    try:
+        doc = storage.read_json(url, storage_options or {})
+    except ValueError as e:
+        raise DatasetError(f"{url} is not valid JSON ({e}); rebuild the dataset") from None
+    return DatasetDescription.from_json(doc, dataset)
 
 
 def dataset_dir(root: str, name: str, fingerprint: str) -> str:
@@ -35,105 +177,11 @@ def dataset_dir(root: str, name: str, fingerprint: str) -> str:
     return storage.join(root, f"{name}-{fingerprint[:12]}")
 
 
-def index_url(dataset: str, shard_name: str) -> str:
-    return storage.join(dataset, INDEX_DIR, shard_name[: -len(".tar")] + ".parquet")
-
-
-def describe(dataset: str) -> str:
-    """Human summary for ``mmdata info``."""
-    d = load_description(dataset)
-    t = d["totals"]
-    lines = [
-        f"dataset      {dataset}",
-        f"fingerprint  {d['fingerprint']}  (format v{d['format_version']})",
-        f"source       {d['source']['manifest'] or ', '.join(d['source']['tars'] or [])}",
-        f"samples      {t['written']} written / {t['samples_in']} input, {t['rejected']} rejected",
-        f"shards       {t['shards']}, {t['bytes'] / 1e6:.1f} MB",
-        "modalities   " + ", ".join(f"{m} {n}" for m, n in t["modalities"].items()),
-        f"tokenizer    {d['tokenizer']['file']} (vocab {d['tokenizer']['vocab_size']})",
-    ]
-    if d.get("labels"):
-        lines.append("labels       " + ", ".join(f"{name}={i}" for name, i in d["labels"].items()))
-    if t["errors_by_reason"]:
-        lines.append("errors       " + ", ".join(f"{r} {n}" for r, n in t["errors_by_reason"].items())
-                     + f"  (details: {ERRORS_JSONL})")
-    return "\n".join(lines)
-
-
-def verify(dataset: str) -> tuple[list[str], int]:
-    """Re-read every shard and check it against the index and dataset.json.
-
-    Returns (problems, samples checked); no problems means healthy.
-    """
-    d = load_description(dataset)
-    problems, checked = [], 0
-    for shard in d["shards"]:
-        try:
-            shard_problems, n = verify_shard(dataset, shard)
-        except Exception as e:  # an unreadable shard is a finding, not a crash
-            shard_problems, n = [f"{shard['name']}: cannot read: {e}"], 0
-        problems += shard_problems
-        checked += n
-    if checked != d["totals"]["written"]:
-        problems.append(f"dataset.json says {d['totals']['written']} samples were written; shards hold {checked}")
-    problems += verify_errors(dataset, d)
-    return problems, checked
-
-
-def verify_shard(dataset: str, shard: dict) -> tuple[list[str], int]:
-    name = shard["name"]
-    data = storage.read_bytes(storage.join(dataset, name), {})
-    problems = []
-    if len(data) != shard["bytes"]:
-        problems.append(f"{name}: {len(data)} bytes, dataset.json says {shard['bytes']}")
-    members = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for info in tar:
-            members[info.name] = (info.offset_data, info.size)
-    rows = pq.read_table(io.BytesIO(storage.read_bytes(index_url(dataset, name), {}))).to_pylist()
-    if len(rows) != shard["samples"]:
-        problems.append(f"{name}: index has {len(rows)} samples, dataset.json says {shard['samples']}")
-    indexed = 0
-    for row in rows:
-        for m in row["members"]:
-            member = f"{row['key']}.{m['ext']}"
-            indexed += 1
-            if members.get(member) != (m["offset"], m["size"]):
-                problems.append(f"{name}: {member} is at {members.get(member)} in the tar, index says "
-                                f"{(m['offset'], m['size'])}")
-                continue
-            problems += check_member(name, member, m["ext"], data[m["offset"]: m["offset"] + m["size"]], row)
-    if indexed != len(members):
-        problems.append(f"{name}: tar has {len(members)} members, index lists {indexed}")
-    return problems, len(rows)
-
-
-def check_member(shard: str, member: str, ext: str, payload: bytes, row: dict) -> list[str]:
-    try:
-        if ext.endswith(".npy"):
-            np.load(io.BytesIO(payload), allow_pickle=False)
-        elif ext == JSON:
-            doc = json.loads(payload)
-            if doc.get("id") != row["id"]:
-                return [f"{shard}: {member} has id {doc.get('id')!r}, index says {row['id']!r}"]
-    except Exception as e:
-        return [f"{shard}: {member} does not load: {e}"]
-    return []
-
-
-def verify_errors(dataset: str, d: dict) -> list[str]:
-    lines = storage.read_bytes(storage.join(dataset, ERRORS_JSONL), {}).decode().splitlines()
-    reasons = Counter(json.loads(line)["reason"] for line in lines)
-    if dict(reasons) != d["totals"]["errors_by_reason"]:
-        return [f"{ERRORS_JSONL} has {dict(reasons)}, dataset.json says {d['totals']['errors_by_reason']}"]
-    return []
-
-
 def write_wids_index(dataset: str) -> str:
     """Write ``wids-index.json`` (shard URLs relative to it + sample counts) for the ``wids`` library."""
     d = load_description(dataset)
-    doc = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": d["name"],
-           "shardlist": [{"url": s["name"], "nsamples": s["samples"]} for s in d["shards"]]}
+    doc = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": d.name,
+           "shardlist": [{"url": s.name, "nsamples": s.samples} for s in d.shards]}
     url = storage.join(dataset, "wids-index.json")
     storage.write_json(url, doc, {})
     return url

@@ -31,6 +31,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 
 from mmdata.schema import make_key
+from mmdata.storage import temp_path
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "cross")
 
@@ -280,7 +281,7 @@ def generate_sample(out_dir: Path, seed: int, i: int, missing_rate: float) -> di
 
 def write_manifest(rows: list[dict], path: Path, manifest_format: str) -> Path:
     """Write to a temporary name, then rename: a manifest present means the files are complete."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     if manifest_format == "jsonl":
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for row in rows:

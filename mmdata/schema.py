@@ -3,7 +3,7 @@
 A sample in a shard is a group of tar members sharing a key:
 ``<key>.json`` (always), ``<key>.txt`` + ``<key>.tokens.npy`` (text),
 ``<key>.jpg|.webp|.png`` (image), ``<key>.mel.npy`` (+ ``<key>.flac``) (audio),
-``<key>.cls`` (label). The README's "Shard format" section is the contract.
+``<key>.cls`` (label). docs/format.md is the contract.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ LABEL = "cls"
 MEMBER_ORDER = (JSON, TEXT, TOKENS, *IMAGE_EXTS, MEL, FLAC, LABEL)
 
 MODALITIES = ("text", "image", "audio")
+# the members a reader decodes for each modality (txt and flac are kept for people, not for training)
+MODALITY_MEMBERS = {"text": (TOKENS,), "image": IMAGE_EXTS, "audio": (MEL,)}
 
 DATASET_JSON = "dataset.json"
 ERRORS_JSONL = "errors.jsonl"
@@ -56,6 +58,17 @@ def make_key(sample_id: str) -> str:
 def shard_name(partition: int, part: int = 0) -> str:
     """``shard-000007.tar``; a partition split by ``max_shard_bytes`` adds ``_1``, ``_2``..."""
     return f"shard-{partition:06d}.tar" if part == 0 else f"shard-{partition:06d}_{part}.tar"
+
+
+def index_name(shard: str) -> str:
+    """The index file of a shard, relative to the dataset directory: ``index/shard-000007.parquet``."""
+    return f"{INDEX_DIR}/{shard.removesuffix('.tar')}.parquet"
+
+
+def id_hash(sample_id: str) -> int:
+    """A sample id as 64 bits: to find duplicate ids in bounded memory, and to split train/eval by id."""
+    return int.from_bytes(hashlib.blake2b(sample_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little")
 
 
 class SampleError(Exception):

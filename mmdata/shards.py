@@ -12,14 +12,14 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmdata.schema import INDEX_DIR, MEMBER_ORDER, shard_name
+from mmdata.schema import MEMBER_ORDER, index_name, shard_name
+from mmdata.storage import temp_path
 
 INDEX_SCHEMA = pa.schema([
     ("shard", pa.string()),
@@ -93,7 +93,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._name = shard_name(self.partition, len(self.shards))
-        self._tmp = self.out_dir / f".{self._name}.{uuid.uuid4().hex}.tmp"
+        self._tmp = temp_path(self.out_dir / self._name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
@@ -104,7 +104,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         size = self._tmp.stat().st_size
-        write_index(self.out_dir / INDEX_DIR / f"{Path(self._name).stem}.parquet", self._rows)
+        write_index(self.out_dir / index_name(self._name), self._rows)
         os.replace(self._tmp, self.out_dir / self._name)
         self.shards.append({"name": self._name, "samples": len(self._rows), "bytes": size})
         self._tar, self._file, self._rows = None, None, []
@@ -114,11 +114,8 @@ def write_index(path: Path, rows: list[dict]) -> None:
     columns = {name: [row.get(name) for row in rows] for name in INDEX_SCHEMA.names}
     table = pa.Table.from_pydict(columns, schema=INDEX_SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_path(path)
     # no statistics/page index timestamps: pyarrow output is byte-stable for the same table
     pq.write_table(table, tmp, compression="zstd", write_statistics=False)
     os.replace(tmp, path)
 
-
-def read_index(path: str | Path) -> pa.Table:
-    return pq.read_table(path, schema=INDEX_SCHEMA)

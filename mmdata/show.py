@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mmdata import storage
-from mmdata.dataset import DatasetError, index_url, load_description
+from mmdata.dataset import DatasetDescription, DatasetError, load_description
 from mmdata.schema import IMAGE_EXTS, MEL, TEXT
 
 COLUMNS = 4
@@ -39,29 +39,28 @@ def contact_sheet(dataset: str, out: str, n: int = 16, seed: int = 0) -> None:
     if n < 1:
         raise DatasetError(f"a contact sheet needs at least one sample; got n={n}")
     description = load_description(dataset)
-    rows = pick_rows(dataset, description["shards"], n, seed)
+    rows = pick_rows(description, n, seed)
     if not rows:
         raise DatasetError(f"{dataset} holds no samples to show")
-    names = {i: name for name, i in (description.get("labels") or {}).items()}
     samples = read_samples(dataset, rows)
-    storage.write_bytes(out, render(samples, names), {})
+    storage.write_bytes(out, render(samples, description.label_names), {})
 
 
-def pick_rows(dataset: str, shards: list[dict], n: int, seed: int) -> list[dict]:
+def pick_rows(description: DatasetDescription, n: int, seed: int) -> list[dict]:
     """Index rows of the chosen samples, in shard order.
 
     Positions are drawn from dataset.json's per-shard counts, so only the
     index files of shards that hold a chosen sample are read.
     """
-    total = sum(s["samples"] for s in shards)
+    total = sum(s.samples for s in description.shards)
     k = min(n, total)
     positions = np.arange(k) if seed == 0 else np.sort(np.random.default_rng(seed).choice(total, k, replace=False))
     rows, start = [], 0
-    for shard in shards:
-        end = start + shard["samples"]
+    for shard in description.shards:
+        end = start + shard.samples
         wanted = positions[(positions >= start) & (positions < end)] - start
         if len(wanted):
-            table = pq.read_table(io.BytesIO(storage.read_bytes(index_url(dataset, shard["name"]), {})),
+            table = pq.read_table(io.BytesIO(storage.read_bytes(description.index_url(shard), {})),
                                   columns=["shard", "key", "id", "label", "members"])
             rows += table.take(wanted).to_pylist()
         start = end

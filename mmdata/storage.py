@@ -24,6 +24,12 @@ def local_path(url: str) -> Path:
     return Path(url[len("file://"):] if url.startswith("file://") else url)
 
 
+def temp_path(path: Path) -> Path:
+    """A unique hidden name beside ``path`` to write to before renaming onto it: ``.<name>.<random>.tmp``.
+    Readers never see a partial file under the final name, and concurrent writers never share one."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
 def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
@@ -55,7 +61,7 @@ def write_bytes(url: str, data: bytes, storage_options: dict) -> None:
     if is_local(url):
         path = local_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temp_path(path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -75,7 +81,7 @@ def upload(local: Path, url: str, storage_options: dict) -> None:
     if is_local(url):
         dest = local_path(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temp_path(dest)
         shutil.copyfile(local, tmp)
         os.replace(tmp, dest)
     else:
@@ -90,7 +96,7 @@ def link_or_copy(src: str, dst: str, storage_options: dict) -> None:
         if dest.exists() and os.path.samefile(source, dest):
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temp_path(dest)
         try:
             os.link(source, tmp)
         except OSError:  # another filesystem, or links not supported
@@ -103,14 +109,3 @@ def link_or_copy(src: str, dst: str, storage_options: dict) -> None:
         fs, src_path = filesystem(src, storage_options)
         _, dst_path = filesystem(dst, storage_options)
         fs.copy(src_path, dst_path)
-
-
-def list_names(url: str, storage_options: dict) -> list[str]:
-    """File names directly under ``url`` (sorted), skipping temporary files."""
-    if is_local(url):
-        path = local_path(url)
-        names = [p.name for p in path.iterdir() if p.is_file()] if path.is_dir() else []
-    else:
-        fs, path = filesystem(url, storage_options)
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.exists(path) else []
-    return sorted(n for n in names if not n.endswith(".tmp"))

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
+
+from mmdata.storage import temp_path
 
 FORMAT_VERSION = 1
 
@@ -28,7 +29,7 @@ def save(run_dir: str | Path, step: int, state: dict, meta: dict, keep_last: int
     """Write ``state`` for ``step``; complete under its final name or not at all."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.{uuid.uuid4().hex}.tmp"
+    tmp = temp_path(final)
     tmp.mkdir(parents=True)
     torch.save(state, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmdata import LoaderConfig
 from mmdata.config import require, require_choice
-from mmdata.load.loader import LoaderConfig
 from mmtrain.model import ModelConfig
 
 
@@ -73,7 +73,8 @@ class TrainConfig:
         require(self.steps > 0, "steps", f"must be positive; got {self.steps}")
         require_choice(self.loss, "loss", ("contrastive", "classify", "both"))
         require(self.log_every > 0, "log_every", "must be positive")
-        require(self.eval_every >= 0 and self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        require(self.eval_every >= 0, "eval_every", f"must be >= 0; got {self.eval_every}")
+        require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
         require(self.keep_last >= 1, "keep_last", "must be at least 1")
         require_choice(self.device, "device", ("auto", "cpu", "cuda"))
         require_choice(self.precision, "precision", ("auto", "fp32", "bf16"))

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 
-from mmdata import storage
-from mmdata.config import ConfigError, load_config
-from mmdata.dataset import dataset_dir, load_description
+from mmdata import ConfigError, DatasetSource, MultimodalLoader, load_config, load_description, storage
+from mmdata.dataset import dataset_dir
 from mmdata.schema import DATASET_JSON
-from mmdata.load.loader import DatasetSource, MultimodalLoader
 from mmtrain.config import DataConfig, ExperimentConfig
 from mmtrain.distributed import Dist, broadcast_object
 
@@ -19,7 +17,7 @@ def resolve_dataset(data: DataConfig, d: Dist) -> str:
         return data.dataset
     path = None
     if d.is_main:
-        from mmdata.prep.pipeline import PreprocessConfig, preprocess
+        from mmdata import PreprocessConfig, preprocess
         config = load_config(PreprocessConfig, data.preprocess, data.preprocess_overrides)
         result = preprocess(config)
         print(f"data: {'reused' if result.reused_dataset else 'built'} {result.dataset} "
@@ -30,16 +28,14 @@ def resolve_dataset(data: DataConfig, d: Dist) -> str:
 
 def dataset_facts(dataset: str) -> dict:
     """Sizes the model is built from: vocabulary, image size, mel bins, classes."""
-    description = load_description(dataset)
-    config = description["config"]
-    labels = description.get("labels")
-    if labels:
-        num_classes = len(labels)
+    d = load_description(dataset)
+    if d.labels:
+        num_classes = len(d.labels)
     else:
         from mmdata.load.catalog import load_catalog
         num_classes = int(load_catalog(dataset).label.max(initial=-1)) + 1
-    return {"vocab_size": description["tokenizer"]["vocab_size"], "image_size": config["image"]["size"],
-            "n_mels": config["audio"]["n_mels"], "num_classes": num_classes, "labels": labels}
+    return {"vocab_size": d.tokenizer.vocab_size, "image_size": d.image_size, "n_mels": d.n_mels,
+            "num_classes": num_classes, "labels": d.labels}
 
 
 def loader_config(config: ExperimentConfig, dataset: str, split: str):
@@ -83,6 +79,5 @@ def earlier_dataset(dataset: str, fingerprint: str) -> str | None:
     if it is still there."""
     if not storage.is_local(dataset):
         return None
-    name = load_description(dataset)["config"].get("output", {}).get("name")
-    candidate = dataset_dir(str(storage.local_path(dataset).parent), name, fingerprint) if name else None
-    return candidate if candidate and storage.exists(storage.join(candidate, DATASET_JSON), {}) else None
+    candidate = dataset_dir(str(storage.local_path(dataset).parent), load_description(dataset).name, fingerprint)
+    return candidate if storage.exists(storage.join(candidate, DATASET_JSON), {}) else None

@@ -13,10 +13,12 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from mmdata.load.loader import process_group
+from mmtrain.model import real_samples
+
 
 def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
+    return process_group()[1] > 1
 
 
 def gather_rows(rows: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[dict, torch.Tensor, int]:
@@ -83,7 +85,7 @@ def total_loss(outputs: dict, batch: dict, loss: str, classify_weight: float) ->
         scored = [v for k, v in pairs.items() if not k.startswith("_anchor/")]
         parts["contrastive"] = torch.stack(scored).mean() + anchor if scored else anchor
     if loss in ("classify", "both"):
-        real = batch["has_label"] & ~batch["is_pad"] if "is_pad" in batch else batch["has_label"]
+        real = batch["has_label"] & real_samples(batch)
         parts["classify"] = classify_weight * classification_loss(outputs["logits"], batch["label"], real)
     out = {f"loss/{k}": v for k, v in parts.items()}
     out["loss"] = sum(parts.values())

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmdata.config import require, require_choice
+from mmdata.schema import MODALITIES
 
-MODALITIES = ("text", "image", "audio")
+INIT_STD = 0.02   # learned position and modality embeddings start small next to the (unit-scale) inputs
 
 
 @dataclass
@@ -61,6 +62,15 @@ def transformer(config: ModelConfig, layers: int) -> nn.TransformerEncoder:
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
+def small_init(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape) * INIT_STD)
+
+
+def real_samples(batch: dict) -> torch.Tensor:
+    """[B] True for the batch's real samples, False for padding (the eval loader pads its last batch)."""
+    return ~batch["is_pad"] if "is_pad" in batch else torch.ones_like(batch["has_label"])
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(x.dtype)
     return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
@@ -77,7 +87,7 @@ class TextEncoder(nn.Module):
     def __init__(self, config: ModelConfig, vocab_size: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, config.dim)
-        self.pos = nn.Parameter(torch.randn(config.max_positions, config.dim) * 0.02)
+        self.pos = small_init(config.max_positions, config.dim)
         self.encoder = transformer(config, config.text_layers)
         self.norm = nn.LayerNorm(config.dim)
 
@@ -94,7 +104,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.patch = nn.Conv2d(3, config.dim, config.patch_size, config.patch_size)
         n = (image_size // config.patch_size) ** 2
-        self.pos = nn.Parameter(torch.randn(n, config.dim) * 0.02)
+        self.pos = small_init(n, config.dim)
         self.encoder = transformer(config, config.image_layers)
         self.norm = nn.LayerNorm(config.dim)
 
@@ -131,7 +141,7 @@ class AudioEncoder(nn.Module):
         self.subsample = nn.Sequential(
             nn.Conv1d(n_mels, config.dim, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv1d(config.dim, config.dim, 3, stride=2, padding=1), nn.GELU())
-        self.pos = nn.Parameter(torch.randn(config.max_positions, config.dim) * 0.02)
+        self.pos = small_init(config.max_positions, config.dim)
         self.encoder = transformer(config, config.audio_layers)
         self.norm = nn.LayerNorm(config.dim)
 
@@ -163,7 +173,7 @@ class FusionModel(nn.Module):
         self.classify = classify
         if classify:
             self.cls = nn.Parameter(torch.zeros(1, 1, config.dim))
-            self.modality_embed = nn.Parameter(torch.randn(len(MODALITIES), config.dim) * 0.02)
+            self.modality_embed = small_init(len(MODALITIES), config.dim)
             self.fusion = transformer(config, config.fusion_layers)
             self.head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, num_classes))
 
@@ -178,7 +188,7 @@ class FusionModel(nn.Module):
         return out
 
     def forward(self, batch: dict) -> dict:
-        real = ~batch["is_pad"] if "is_pad" in batch else torch.ones_like(batch["has_label"])
+        real = real_samples(batch)
         encoded = self.encode(batch)
         present = {m: batch[f"has_{m}"] & real for m in encoded}
         embeddings = {m: F.normalize(self.project[m](pooled), dim=-1) for m, (_, _, pooled) in encoded.items()}

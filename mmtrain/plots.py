@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
+
+from mmdata.storage import temp_path
 
 
 def plot_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
@@ -123,11 +124,10 @@ def placeholder(ax, message: str) -> None:
 
 def write_atomically(data: bytes, path: Path) -> None:
     """tmp file beside the target + os.replace: readers see the old PNG or the new one, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -18,14 +18,14 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from mmdata.config import ConfigError, to_dict
-from mmdata.load.loader import MultimodalLoader, move_to
+from mmdata import ConfigError, MultimodalLoader, move_to
+from mmdata.config import to_dict
 from mmtrain import checkpoint
 from mmtrain.config import ExperimentConfig
 from mmtrain.data import data_changed_message, dataset_facts, eval_loader, resolve_dataset, train_loader
 from mmtrain.distributed import Dist, barrier, mean_over_ranks
 from mmtrain.losses import total_loss
-from mmtrain.model import FusionModel
+from mmtrain.model import FusionModel, real_samples
 
 
 class TrainingError(RuntimeError):
@@ -131,7 +131,7 @@ def setup(config: ExperimentConfig, d: Dist) -> TrainState:
     found = checkpoint.latest(config.train.run_dir)
     if found is not None:
         saved, meta = checkpoint.load(found)
-        trained_on, now = saved["loader"]["datasets"], [c.description["fingerprint"] for c in loader.catalogs]
+        trained_on, now = saved["loader"]["datasets"], loader.fingerprints()
         if trained_on != now:
             raise ConfigError("train.run_dir", data_changed_message(str(found), trained_on, dataset, now))
         if meta.get("vocab_size") != facts["vocab_size"]:
@@ -195,7 +195,7 @@ def evaluate(model: FusionModel, config: ExperimentConfig, dataset: str, device:
     for batch in loader:
         batch = move_to(batch, device)
         out = model(batch)
-        real = ~batch["is_pad"]
+        real = real_samples(batch)
         for m, e in out["embeddings"].items():
             parts.setdefault(f"emb/{m}", []).append(e[real].float().cpu())
             parts.setdefault(f"present/{m}", []).append(out["present"][m][real].cpu())

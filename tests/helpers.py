@@ -13,7 +13,7 @@ from pathlib import Path
 def preprocess_config(manifest, root, *overrides: str):
     """A small, fast PreprocessConfig for tests (serial executor unless overridden)."""
     from mmdata.config import load_config
-    from mmdata.prep.pipeline import PreprocessConfig
+    from mmdata.prep.config import PreprocessConfig
     base = [f"input.manifest={manifest}", f"output.root={root}", "output.name=t",
             "output.samples_per_shard=12", "text.vocab_size=128", "text.max_tokens=24",
             "image.size=32", "audio.n_mels=32", "audio.max_seconds=2.0", "progress=false",

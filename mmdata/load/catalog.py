@@ -8,7 +8,6 @@ DataLoader workers through fork's copy-on-write.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 
@@ -17,15 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdata import storage
-from mmdata.dataset import index_url, load_description
-
-MEMBER_EXTS = ("json", "tokens.npy", "jpg", "webp", "png", "mel.npy", "txt", "cls", "flac")
+from mmdata.dataset import DatasetDescription, load_description
+from mmdata.schema import MEMBER_ORDER, MODALITIES, id_hash
 
 
 @dataclass
 class Catalog:
     dataset: str
-    description: dict
+    description: DatasetDescription
     shard_urls: list[str]
     shard_bytes: np.ndarray          # [n_shards] int64
     shard: np.ndarray                # [n] int32: which shard each sample is in
@@ -62,15 +60,14 @@ def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
     """Read dataset.json and every shard's index file."""
     options = storage_options or {}
     description = load_description(dataset, options)
-    shards = description["shards"]
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(index_url(dataset, s["name"]), options)))
-              for s in shards]
+    shards = description.shards
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(description.index_url(s), options))) for s in shards]
     table = pa.concat_tables(tables) if tables else None
     n = len(table) if table is not None else 0
     counts = [len(t) for t in tables]
     shard = np.repeat(np.arange(len(shards), dtype=np.int32), counts)
-    offsets = {ext: np.full(n, -1, np.int64) for ext in MEMBER_EXTS}
-    sizes = {ext: np.zeros(n, np.int64) for ext in MEMBER_EXTS}
+    offsets = {ext: np.full(n, -1, np.int64) for ext in MEMBER_ORDER}
+    sizes = {ext: np.zeros(n, np.int64) for ext in MEMBER_ORDER}
     if n:
         fill_members(table.column("members"), offsets, sizes)
     column = lambda name, fill, dtype: (  # noqa: E731
@@ -78,8 +75,8 @@ def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
     return Catalog(
         dataset=dataset,
         description=description,
-        shard_urls=[storage.join(dataset, s["name"]) for s in shards],
-        shard_bytes=np.array([s["bytes"] for s in shards], np.int64),
+        shard_urls=[description.shard_url(s) for s in shards],
+        shard_bytes=np.array([s.bytes for s in shards], np.int64),
         shard=shard,
         keys=table.column("key").combine_chunks() if n else pa.array([], pa.string()),
         ids=table.column("id").combine_chunks() if n else pa.array([], pa.string()),
@@ -88,7 +85,7 @@ def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
         n_tokens=column("n_tokens", 0, np.int32),
         audio_frames=column("audio_frames", 0, np.int32),
         label=column("label", -1, np.int64),
-        has={m: column(f"has_{m}", False, bool) for m in ("text", "image", "audio")},
+        has={m: column(f"has_{m}", False, bool) for m in MODALITIES},
     )
 
 
@@ -113,7 +110,6 @@ def split_mask(ids: pa.Array, split: str, eval_fraction: float) -> np.ndarray:
     """Deterministic train/eval split by a hash of the id: stable when rows are added or reordered."""
     if split == "all" or len(ids) == 0:
         return np.ones(len(ids), bool)
-    hashed = np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little")
-                       for i in ids.to_pylist()], np.uint64)
+    hashed = np.array([id_hash(i) for i in ids.to_pylist()], np.uint64)
     in_eval = hashed < np.uint64(int(eval_fraction * 2**64 - 1)) if eval_fraction > 0 else np.zeros(len(ids), bool)
     return in_eval if split == "eval" else ~in_eval

@@ -29,8 +29,6 @@ from torchvision.transforms.v2.functional import resize
 from mmdata.config import require
 from mmdata.schema import IMAGE_EXTS, JSON, LABEL, MEL, TOKENS
 
-MODALITY_MEMBERS = {"text": (TOKENS,), "image": IMAGE_EXTS, "audio": (MEL,)}
-
 # ImageNet statistics (RGB, for pixels in [0, 1]): what pretrained vision backbones expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -349,13 +347,18 @@ def collate_images(images: list, normalize: bool, empty=np.empty) -> dict:
                 rows[i, :x.shape[1], :x.shape[2]] = x.permute(1, 2, 0).numpy()
     out = pixels.permute(0, 3, 1, 2)
     if normalize:
-        # (x / 255 - mean) / std folded into one multiply-add over the batch.
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        out = torch.from_numpy(empty((len(images), h, w, 3), np.float32)).permute(0, 3, 1, 2).copy_(out)
-        out.mul_(1 / (255 * std)).sub_(mean / std)
+        out = normalize_images(out, torch.from_numpy(empty((len(images), h, w, 3), np.float32)).permute(0, 3, 1, 2))
         out[~present] = 0  # absent images stay 0 rather than become a "black image"
     return {"image": out, "has_image": present}
+
+
+def normalize_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 RGB [B, 3, H, W] -> float32 ``(x / 255 - mean) / std`` with ImageNet's statistics, into ``out``
+    when given (any memory format); one multiply-add over the batch."""
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    out = pixels.float() if out is None else out.copy_(pixels)
+    return out.mul_(1 / (255 * std)).sub_(mean / std)
 
 
 def collate_mels(mels: list, empty=np.empty) -> dict:

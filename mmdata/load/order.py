@@ -102,7 +102,7 @@ class Layout:
         return self.batch_size * self.world_size
 
 
-def epoch_plan(draws: np.ndarray, lengths: np.ndarray | None, layouts: list[Layout], seed: int, epoch: int,
+def epoch_sequence(draws: np.ndarray, lengths: np.ndarray | None, layouts: list[Layout], seed: int, epoch: int,
                bucket_batches: int, pad: bool) -> np.ndarray:
     """The epoch's final sample sequence (indices into ``draws``) under the given layouts.
 
@@ -124,19 +124,19 @@ def epoch_plan(draws: np.ndarray, lengths: np.ndarray | None, layouts: list[Layo
     return order
 
 
-def batches_in_plan(plan_length: int, layout: Layout) -> int:
-    """Global batches (= batches per rank) from the layout's start to the end of the plan."""
-    return (plan_length - layout.start) // layout.global_batch
+def batches_in_sequence(length: int, layout: Layout) -> int:
+    """Global batches (= batches per rank) from the layout's start to the end of a sequence of ``length``."""
+    return (length - layout.start) // layout.global_batch
 
 
 def rank_batch(layout: Layout, batch: int, rank: int) -> np.ndarray:
-    """Plan positions of rank ``rank``'s part of global batch ``batch`` (counted from layout.start)."""
+    """Sequence positions of rank ``rank``'s part of global batch ``batch`` (counted from layout.start)."""
     start = layout.start + batch * layout.global_batch + rank * layout.batch_size
     return np.arange(start, start + layout.batch_size)
 
 
-def plan_length(n_draws: int, layout: Layout, pad: bool) -> int:
-    """Length of the plan ``epoch_plan`` returns, without building it."""
+def sequence_length(n_draws: int, layout: Layout, pad: bool) -> int:
+    """Length of the sequence ``epoch_sequence`` returns, without building it."""
     tail = (n_draws - layout.start) % layout.global_batch
     return n_draws + (layout.global_batch - tail if tail and pad else -tail)
 

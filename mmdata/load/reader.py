@@ -21,7 +21,6 @@ import mmap
 import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ class ReadConfig:
     retries: int = 3               # attempts after the first, with exponential backoff
     backoff_s: float = 0.5
     storage_options: dict = field(default_factory=dict)   # fsspec options: endpoint_url, key, secret...
-    mmap: bool = True              # map local shards read-only: reads are slices, not copies (see README)
+    mmap: bool = True              # map local shards read-only: reads are slices, not copies (docs/loader.md)
 
     def validate(self) -> None:
         require(self.cache_bytes >= 0, "cache_bytes", f"must be >= 0; got {self.cache_bytes}")
@@ -72,6 +71,18 @@ class _Stalled(Exception):
 def worker_name() -> str:
     info = get_worker_info()
     return "main process" if info is None else f"DataLoader worker {info.id}"
+
+
+def truncated(url: str, start: int, end: int, found: str) -> ShardReadError:
+    """A shard shorter than its index says: the read of [start, end) came up short."""
+    return ShardReadError(f"shard {url} is truncated: byte range [{start}, {end}) needs at least {end} bytes; "
+                          f"{found} ({worker_name()})")
+
+
+def beyond_shard(url: str, start: int, end: int, size: str) -> ShardReadError:
+    """A byte range the index gives that the shard's own size rules out."""
+    return ShardReadError(f"shard {url}: byte range [{start}, {end}) lies beyond its {size}; the index does not "
+                          f"match the shard ({worker_name()})")
 
 
 def merge_ranges(ranges: list[tuple[int, int]], gap: int = MERGE_GAP) -> list[tuple[int, int, list[int]]]:
@@ -126,8 +137,7 @@ class ShardReader:
             for offset, size in ranges:
                 view = mapped[offset: offset + size]
                 if len(view) != size:   # a slice past the end comes back short
-                    raise ShardReadError(f"shard {url}: byte range [{offset}, {offset + size}) lies beyond its "
-                                         f"{len(mapped)} bytes; the index does not match the shard ({worker_name()})")
+                    raise beyond_shard(url, offset, offset + size, f"{len(mapped)} bytes")
                 views.append(view)
             return views
         out: list[Bytes] = [b""] * len(ranges)
@@ -170,15 +180,13 @@ class ShardReader:
     def read_span(self, url: str, start: int, end: int, shard_bytes: int | None = None) -> bytes:
         """Bytes [start, end) of the shard at url, in one read (one request when remote)."""
         if shard_bytes is not None and end > shard_bytes:
-            raise ShardReadError(f"shard {url}: byte range [{start}, {end}) lies beyond its {shard_bytes} bytes "
-                                 f"in dataset.json; the index does not match the shard ({worker_name()})")
+            raise beyond_shard(url, start, end, f"{shard_bytes} bytes in dataset.json")
         if storage.is_local(url):
             mapped = self._mapped(url, shard_bytes) if self.config.mmap else None
             if mapped is None:
                 return pread(self._local_fd(url, shard_bytes), url, start, end - start)
             if end > len(mapped):
-                raise ShardReadError(f"shard {url} is truncated: it has {len(mapped)} bytes, expected at least "
-                                     f"{end} bytes for byte range [{start}, {end}) ({worker_name()})")
+                raise truncated(url, start, end, f"it has {len(mapped)} bytes")
             return mapped[start:end]
         if self.config.cache_dir:
             return self._read_cached(url, start, end, shard_bytes)
@@ -267,9 +275,7 @@ class ShardReader:
         fs, path = storage.filesystem(url, self.config.storage_options)
         data = self._retrying(url, f"byte range [{start}, {end})", lambda _: fetch_range(fs, path, url, start, end))
         if len(data) != end - start:
-            raise ShardReadError(f"shard {url} is truncated: byte range [{start}, {end}) returned "
-                                 f"{len(data)} bytes, expected at least {end} bytes in the shard "
-                                 f"({worker_name()})")
+            raise truncated(url, start, end, f"the range returned {len(data)} bytes")
         return data
 
     def _retrying(self, url: str, what: str, fn):
@@ -339,9 +345,7 @@ def pread(fd: int, url: str, offset: int, size: int) -> bytes:
         raise ShardReadError(f"shard {url}: reading byte range [{offset}, {offset + size}) failed: {e} "
                              f"({worker_name()})") from None
     if len(data) != size:
-        raise ShardReadError(f"shard {url} is truncated: it has {os.fstat(fd).st_size} bytes, expected at "
-                             f"least {offset + size} bytes for byte range [{offset}, {offset + size}) "
-                             f"({worker_name()})")
+        raise truncated(url, offset, offset + size, f"it has {os.fstat(fd).st_size} bytes")
     return data
 
 
@@ -353,13 +357,12 @@ def fetch_range(fs, path: str, url: str, start: int, end: int) -> bytes:
     except OSError as e:
         if e.errno != errno.EINVAL or "range" not in str(e).lower():
             raise
-        raise ShardReadError(f"shard {url} is truncated: byte range [{start}, {end}) is not satisfiable ({e}), "
-                             f"expected at least {end} bytes in the shard ({worker_name()})") from None
+        raise truncated(url, start, end, f"the range is not satisfiable ({e})") from None
 
 
 def download(fs, path: str, dest: Path, size: int, cancel: threading.Event) -> None:
     """Copy a whole object to ``dest`` through a temporary file: a partial download never has the final name."""
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    tmp = storage.temp_path(dest)
     try:
         written = 0
         with fs.open(path, "rb") as src, open(tmp, "wb") as out:

@@ -1,4 +1,4 @@
-"""Batches from DataLoader workers to the main process through slots of one shared mapping.
+"""Batches from DataLoader workers to the main process: slots of one shared mapping, and the wire format.
 
 DataLoader's own transport pickles what a worker returns: tensors become one
 /dev/shm segment each (plus a file descriptor sent over a socket), arrays are
@@ -35,6 +35,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from mmdata.load.order import Layout
 
 FREE, SENT, HELD = 0, 1, 2
 ALIGN = 64
@@ -178,3 +180,110 @@ def numpy_dtype(dtype: torch.dtype) -> str:
 def attach(slots_id: int, slot: int, placed: list[list[tuple]]) -> list[dict[str, torch.Tensor]]:
     """Unpickling a SlotBatch: ``placed`` holds the fields of Placed as plain tuples."""
     return _SLOTS[slots_id].view(slot, placed)
+
+
+# ---- The wire format: what a worker's message is made of, and how the main process turns it back into tensors.
+
+SLOTS_KEY = "_slots"      # first batch of a message: the SlotBatch, when its big tensors are in a slot
+JOINED_KEY = "_joined"    # a batch's small tensors, joined into one buffer
+JOINED_BYTES = 4096       # tensors up to this size are joined
+
+
+def inline_limit(pinning: bool) -> int:
+    """Tensors below this many bytes travel from workers pickled inline (see pack_small_tensors)."""
+    return 64 << 10 if pinning else 16 << 20
+
+
+def pack_small_tensors(batch: dict, limit: int) -> dict:
+    """Tensors under ``limit`` bytes travel from workers pickled inline, as numpy arrays; the smallest
+    (masks, labels, sources: a few hundred bytes each) joined into one buffer.
+
+    A tensor crosses the process boundary as its own shared-memory segment plus a
+    file descriptor; for a batch's dozen masks and labels that costs more than
+    copying the bytes through the pipe, and pickling each as an array costs more
+    than one buffer. When batches are pinned for a GPU, big tensors stay tensors
+    so the pin-memory thread can pin them. ``unpack`` turns it all back into
+    tensors (zero-copy).
+    """
+    out, layout, joined = {}, [], bytearray()
+    for k, v in batch.items():
+        size = v.numel() * v.element_size() if isinstance(v, torch.Tensor) else None
+        if size is not None and size <= JOINED_BYTES and v.is_contiguous():
+            joined += bytes(-len(joined) % 8)   # aligned for any dtype
+            layout.append((k, numpy_dtype(v.dtype), tuple(v.shape), len(joined)))
+            joined += v.numpy().tobytes()
+            out[k] = None   # filled in again by unpack, in the same key order
+        else:
+            out[k] = as_array(v) if size is not None and size < limit else v
+    if layout:
+        out[JOINED_KEY] = JoinedTensors(layout, joined)
+    return out
+
+
+class JoinedTensors:
+    """A batch's small tensors in one buffer. Unpickles straight into tensors, like a SlotBatch, so
+    DataLoader's pin-memory thread pins them with the rest (it would walk a raw buffer byte by byte)."""
+
+    def __init__(self, layout: list[tuple], joined: bytearray):
+        self.layout, self.joined = layout, joined
+
+    def __reduce__(self):
+        return unjoin, (self.layout, self.joined)
+
+
+def unjoin(layout: list[tuple], joined: bytearray) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.frombuffer(joined, dtype, math.prod(shape), offset).reshape(shape))
+            for key, dtype, shape, offset in layout}
+
+
+class ChannelsLast(NamedTuple):
+    """A channels_last image batch sent as its NHWC array (pickling a permuted array would reorder it)."""
+    nhwc: np.ndarray
+
+
+def as_array(tensor: torch.Tensor) -> np.ndarray | ChannelsLast:
+    if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return ChannelsLast(tensor.permute(0, 2, 3, 1).numpy())
+    return tensor.numpy()
+
+
+def unpack_message(message: list[dict]) -> list[dict]:
+    """A message as a worker packed it, once unpickled -> its batches (see unpack)."""
+    placed = (message[0].pop(SLOTS_KEY, None) if message else None) or [{}] * len(message)
+    return [unpack(batch, tensors) for batch, tensors in zip(message, placed)]
+
+
+def unpack(batch: dict, placed: dict | None = None) -> dict:
+    """A batch as a worker packed it, once unpickled, and its tensors from the slot (``placed``: views of a
+    shared slot, when one was used) -> tensors only."""
+    placed = placed or {}
+    batch.update(batch.pop(JOINED_KEY, None) or {})   # JoinedTensors unpickled as tensors
+    return {k: placed[k] if k in placed else torch.from_numpy(v) if isinstance(v, np.ndarray)
+            else torch.from_numpy(v.nhwc).permute(0, 3, 1, 2) if isinstance(v, ChannelsLast) else v
+            for k, v in batch.items()}
+
+
+# ---- The control tensor: which batches workers build, read by each worker when an iteration starts.
+# Shared memory made before the workers fork, so persistent workers follow epochs and resumes.
+
+MAX_LAYOUTS = 16          # batch-layout changes (elastic resumes) within one epoch
+
+
+def control_tensor() -> torch.Tensor:
+    return torch.zeros(3 + 3 * MAX_LAYOUTS, dtype=torch.int64).share_memory_()
+
+
+def encode_control(control: torch.Tensor, epoch: int, first: int, layouts: list[Layout]) -> None:
+    """Say: epoch ``epoch`` from batch ``first``, under ``layouts`` (at most MAX_LAYOUTS)."""
+    if len(layouts) > MAX_LAYOUTS:
+        raise ValueError(f"more than {MAX_LAYOUTS} batch-layout changes within one epoch")
+    values = [epoch, first, len(layouts)] + [v for l in layouts for v in (l.start, l.batch_size, l.world_size)]
+    control.zero_()
+    control[: len(values)] = torch.tensor(values, dtype=torch.int64)
+
+
+def decode_control(control: torch.Tensor) -> tuple[int, int, list[Layout]]:
+    values = control.tolist()
+    epoch, first, n = values[:3]
+    layouts = [Layout(*values[3 + 3 * i: 6 + 3 * i]) for i in range(n)]
+    return epoch, first, layouts

@@ -1,61 +1,97 @@
-"""Run partition tasks: on Ray (local instance or an existing cluster) or in-process.
+"""Executors: run the same partition function in-process or on Ray; they differ only in scheduling.
 
-The driver streams partitions from the input and keeps at most
-``max_in_flight`` of them submitted, so its memory does not grow with the
-input. Results come back as small summaries; a progress bar counts samples
-and errors as partitions finish.
+    executor = make_executor(config.ray)
+    executor.start()                          # Ray: connect or start, warm one worker per CPU
+    for summary in executor.run(job, partitions): ...   # as partitions finish
+
+The driver streams partitions from the input and the Ray executor keeps at
+most ``max_in_flight`` of them submitted, so the driver's memory does not
+grow with the input. Results come back as small typed summaries.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from typing import Iterator
+from dataclasses import replace
+from typing import Iterable, Iterator, Protocol
 
 from tqdm import tqdm
 
-from mmdata.prep.partition import Job, run_partition
+from mmdata.prep.config import RayConfig
+from mmdata.prep.partition import Job, PartitionSummary, run_partition
 from mmdata.prep.sources import Record
 
-Partitions = Iterator[tuple[int, list[Record], set[int]]]
+Partitions = Iterable[tuple[int, list[Record], set[int]]]
 
 
-def run_all(job: Job, partitions: Partitions, total_rows: int, config, phases: dict) -> list[dict]:
-    """Summaries of every partition, ordered by partition number; adds startup/partitions to ``phases``."""
-    bar = tqdm(total=total_rows, unit="sample", disable=not config.progress, dynamic_ncols=True,
-               desc="preprocess", smoothing=0.1)
-    errors = 0
+class Executor(Protocol):
+    def start(self) -> None:
+        """Get ready to run partitions (timed apart from the partitions themselves)."""
 
-    def done(summary: dict) -> None:
-        nonlocal errors
-        errors += sum(summary["errors_by_reason"].values())
-        bar.update(summary["samples_in"])
-        bar.set_postfix(errors=errors, reused=summary["reused"], refresh=False)
-
-    start = time.perf_counter()
-    try:
-        if config.ray.executor == "serial":
-            phases["startup"] = 0.0
-            summaries = []
-            for k, records, duplicates in partitions:
-                summaries.append(run_partition(job, k, records, duplicates))
-                done(summaries[-1])
-        else:
-            ray = init_ray(config.ray)
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            ray.get([ray.remote(warm_worker).options(num_cpus=1).remote() for _ in range(cpus)])
-            phases["startup"] = time.perf_counter() - start
-            summaries = run_on_ray(job, partitions, config.ray, done)
-    finally:
-        bar.close()
-    phases["partitions"] = time.perf_counter() - start - phases.get("startup", 0.0)
-    return sorted(summaries, key=lambda s: s["partition"])
+    def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
+        """Run every partition; yield each summary as it finishes (in any order)."""
 
 
-def run_partition_on_node(job: Job, k: int, records: list[Record], duplicates: set[int]) -> dict:
+class SerialExecutor:
+    """In this process, one partition after another: for debugging and for jobs too small to pay for Ray."""
+
+    def start(self) -> None:
+        pass
+
+    def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
+        for k, records, duplicates in partitions:
+            yield run_partition(job, k, records, duplicates)
+
+
+class RayExecutor:
+    """One Ray task per partition on a local instance or an existing cluster, a bounded number in flight."""
+
+    def __init__(self, config: RayConfig):
+        self.config = config
+
+    def start(self) -> None:
+        ray = init_ray(self.config)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        ray.get([ray.remote(warm_worker).options(num_cpus=1).remote() for _ in range(cpus)])
+
+    def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
+        ray = init_ray(self.config)
+        limit = self.config.max_in_flight or 2 * int(ray.cluster_resources().get("CPU", 1))
+        job_ref = ray.put(job)  # shipped to each node once, not with every task
+        task = ray.remote(run_partition_on_node).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+        pending = []
+        for k, records, duplicates in partitions:
+            pending.append(task.remote(job_ref, k, records, duplicates))
+            while len(pending) >= limit:
+                ready, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(ready[0])
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+
+
+def make_executor(config: RayConfig) -> Executor:
+    return SerialExecutor() if config.executor == "serial" else RayExecutor(config)
+
+
+def run_with_progress(executor: Executor, job: Job, partitions: Partitions, total_rows: int,
+                      progress: bool) -> list[PartitionSummary]:
+    """Every partition's summary, ordered by partition number, with a bar of samples and errors."""
+    summaries, errors = [], 0
+    with tqdm(total=total_rows, unit="sample", disable=not progress, dynamic_ncols=True,
+              desc="preprocess", smoothing=0.1) as bar:
+        for summary in executor.run(job, partitions):
+            summaries.append(summary)
+            errors += sum(summary.totals.errors_by_reason.values())
+            bar.update(summary.totals.samples_in)
+            bar.set_postfix(errors=errors, reused=summary.reused, refresh=False)
+    return sorted(summaries, key=lambda s: s.partition)
+
+
+def run_partition_on_node(job: Job, k: int, records: list[Record], duplicates: set[int]) -> PartitionSummary:
     """run_partition, plus which Ray node ran it (for the run summary)."""
     import ray
-    return {**run_partition(job, k, records, duplicates), "node": ray.get_runtime_context().get_node_id()}
+    return replace(run_partition(job, k, records, duplicates), node=ray.get_runtime_context().get_node_id())
 
 
 def warm_worker() -> int:
@@ -65,11 +101,11 @@ def warm_worker() -> int:
     return os.getpid()
 
 
-def ray_address(ray_config) -> str | None:
+def ray_address(ray_config: RayConfig) -> str | None:
     return ray_config.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def init_ray(ray_config):
+def init_ray(ray_config: RayConfig):
     """Connect to the configured cluster, or start a local instance on all cores."""
     import ray
     if ray.is_initialized():
@@ -82,26 +118,3 @@ def init_ray(ray_config):
         ray.init(num_cpus=ray_config.num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, logging_level="WARNING")
     return ray
-
-
-def run_on_ray(job: Job, partitions: Partitions, ray_config, done) -> list[dict]:
-    ray = init_ray(ray_config)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    limit = ray_config.max_in_flight or 2 * cpus
-    job_ref = ray.put(job)  # shipped to each node once, not with every task
-    task = ray.remote(run_partition_on_node).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
-    pending, summaries = [], []
-
-    def collect(wait_all: bool) -> None:
-        nonlocal pending
-        while pending and (wait_all or len(pending) >= limit):
-            ready, pending = ray.wait(pending, num_returns=1)
-            summary = ray.get(ready[0])
-            summaries.append(summary)
-            done(summary)
-
-    for k, records, duplicates in partitions:
-        pending.append(task.remote(job_ref, k, records, duplicates))
-        collect(wait_all=False)
-    collect(wait_all=True)
-    return summaries

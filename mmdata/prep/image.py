@@ -89,8 +89,8 @@ def _require_rgb(value: object, key: str) -> None:
     require(ok, key, f"must be 3 integers 0..255 (an RGB colour); got {value!r}")
 
 
-def encode_image(data: bytes, config: ImageConfig) -> tuple[bytes, dict]:
-    """Decode, orient, convert to RGB, resize, re-encode. Returns (encoded bytes, info).
+def encode_image(data: bytes, config: ImageConfig) -> tuple[dict[str, bytes], dict]:
+    """Decode, orient, convert to RGB, resize, re-encode. Returns members ``{<format>: encoded}`` and info.
 
     ``info`` describes the input as it would be displayed (size after EXIF
     orientation; Pillow's mode and format names) plus the output size, so
@@ -103,7 +103,7 @@ def encode_image(data: bytes, config: ImageConfig) -> tuple[bytes, dict]:
     out = _resize(rgb, config)
     info = {"width": img.width, "height": img.height, "mode": mode, "format": fmt,
             "out_width": out.width, "out_height": out.height}
-    return _save(out, config), info
+    return {config.format: _save(out, config)}, info
 
 
 def _decode(data: bytes, config: ImageConfig) -> tuple[Image.Image, str, str | None]:

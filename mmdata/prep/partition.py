@@ -1,41 +1,75 @@
 """One partition of input rows -> its shard(s), index, errors and a summary.
 
-This is the unit of work a Ray task runs. It knows nothing about Ray: it
+This is the unit of work an executor runs. It knows nothing about Ray: it
 gets the rows of partition ``k`` and a :class:`Job` (config, tokenizer,
 label mapping), fingerprints the rows, and either finds a finished result
 for that fingerprint in the store or builds it. A result is finished when
 its ``summary.json`` exists; it is written last.
+
+    rows -> per sample: each modality's encoder (raw input, config) -> members + info
+         -> the sample's json + label -> ShardWriter (tar + index) -> summary
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mmdata import storage
+from mmdata.dataset import ShardInfo, Totals, sorted_counts
 from mmdata.prep.audio import encode_audio
+from mmdata.prep.config import PreprocessConfig
 from mmdata.prep.image import encode_image
-from mmdata.schema import ERRORS_JSONL, JSON, LABEL, SampleError, make_key
 from mmdata.prep.sources import Record
 from mmdata.prep.text import encode_text, load_tokenizer
+from mmdata.schema import ERRORS_JSONL, JSON, LABEL, MODALITIES, SampleError, make_key
 
 SUMMARY = "summary.json"
+
+# (raw input, the modality's config) -> (members, info); text's encoder gets the tokenizer bound
+Encoder = Callable[[Any, Any], tuple[dict[str, bytes], dict]]
 
 
 @dataclass
 class Job:
     """What every partition task shares (sent to workers once)."""
-    config: Any                     # pipeline.PreprocessConfig
+    config: PreprocessConfig
     tokenizer: bytes
     labels: dict[str, int] | None   # string label -> int, when labels are strings
     salt: str                       # hash of everything output-affecting except the rows
     store: str                      # URL of the content-addressed partition store
+
+
+@dataclass(frozen=True)
+class PartitionSummary:
+    """What a partition task returns (and keeps as summary.json in the store)."""
+    partition: int = 0
+    fingerprint: str = ""
+    shards: tuple[ShardInfo, ...] = ()
+    totals: Totals = field(default_factory=Totals)
+    seconds: float = 0.0
+    reused: bool = False            # found finished in the store
+    node: str = ""                  # the Ray node that ran it ("" in-process)
+
+    def to_json(self) -> dict:
+        return {**self.totals.to_json(), "partition": self.partition, "fingerprint": self.fingerprint,
+                "seconds": self.seconds, "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes}
+                                                    for s in self.shards]}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "PartitionSummary":
+        shards = tuple(ShardInfo(s["name"], s["samples"], s["bytes"], doc["partition"], doc["fingerprint"])
+                       for s in doc["shards"])
+        totals = Totals(doc["samples_in"], doc["written"], doc["rejected"], doc["bytes"], len(shards),
+                        doc["modalities"], doc["errors_by_reason"])
+        return cls(doc["partition"], doc["fingerprint"], shards, totals, doc["seconds"])
 
 
 def partition_fingerprint(job: Job, k: int, records: list[Record]) -> str:
@@ -73,55 +107,59 @@ def file_identity(ref: str | bytes | None, job: Job) -> Any:
         return [ref, "unreadable"]
 
 
-def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int]) -> dict:
-    """Reuse or build partition ``k``; returns its summary (``reused`` says which)."""
+def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int]) -> PartitionSummary:
+    """Reuse or build partition ``k``; ``reused`` in the summary says which."""
     import torch
     torch.set_num_threads(1)  # one task per core: intra-op threads would oversubscribe
     fingerprint = partition_fingerprint(job, k, records)
     result = storage.join(job.store, fingerprint)
     options = job.config.output.storage_options
     if storage.exists(storage.join(result, SUMMARY), options):
-        return {**storage.read_json(storage.join(result, SUMMARY), options), "reused": True}
+        return replace(PartitionSummary.from_json(storage.read_json(storage.join(result, SUMMARY), options)), reused=True)
     start = time.perf_counter()
     if storage.is_local(result):
-        summary = build_partition(job, k, records, duplicates, storage.local_path(result))
+        summary = build_partition(job, k, fingerprint, records, duplicates, storage.local_path(result))
     else:
         with tempfile.TemporaryDirectory(prefix="mmdata-") as staging:
-            summary = build_partition(job, k, records, duplicates, Path(staging))
+            summary = build_partition(job, k, fingerprint, records, duplicates, Path(staging))
             for path in sorted(Path(staging).rglob("*")):
                 if path.is_file():
                     storage.upload(path, storage.join(result, str(path.relative_to(staging))), options)
-    summary = {**summary, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - start, 3)}
-    storage.write_json(storage.join(result, SUMMARY), summary, options)
-    return {**summary, "reused": False}
+    summary = replace(summary, seconds=round(time.perf_counter() - start, 3))
+    storage.write_json(storage.join(result, SUMMARY), summary.to_json(), options)
+    return summary
 
 
-def build_partition(job: Job, k: int, records: list[Record], duplicates: set[int], out: Path) -> dict:
+def build_partition(job: Job, k: int, fingerprint: str, records: list[Record], duplicates: set[int],
+                    out: Path) -> PartitionSummary:
     from mmdata.shards import ShardWriter
     config = job.config
-    tokenizer = load_tokenizer(job.tokenizer)
+    encoders = modality_encoders(load_tokenizer(job.tokenizer))
     writer = ShardWriter(out, k, config.output.max_shard_bytes)
     errors, present, rejected = [], Counter(), 0
     for record in records:
-        sample, sample_errors = build_sample(record, job, tokenizer, record.row in duplicates)
+        sample, sample_errors = build_sample(record, job, encoders, record.row in duplicates)
         errors += sample_errors
         if sample is None:
             rejected += 1
             continue
         members, index = sample
         writer.write(make_key(record.id), members, index)
-        present.update(m for m in ("text", "image", "audio") if index[f"has_{m}"])
+        present.update(m for m in MODALITIES if index[f"has_{m}"])
         present.update(["label"] if index["label"] is not None else [])
-    shards = writer.close()
+    shards = tuple(ShardInfo(s["name"], s["samples"], s["bytes"], k, fingerprint) for s in writer.close())
     lines = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in errors)
     storage.write_bytes(str(out / ERRORS_JSONL), lines.encode(), {})
-    return {
-        "partition": k, "shards": shards, "samples_in": len(records),
-        "written": len(records) - rejected, "rejected": rejected,
-        "modalities": dict(sorted(present.items())),
-        "errors_by_reason": dict(sorted(Counter(e["reason"] for e in errors).items())),
-        "bytes": sum(s["bytes"] for s in shards),
-    }
+    totals = Totals(samples_in=len(records), written=len(records) - rejected, rejected=rejected,
+                    bytes=sum(s.bytes for s in shards), shards=len(shards), modalities=sorted_counts(present),
+                    errors_by_reason=sorted_counts(Counter(e["reason"] for e in errors)))
+    return PartitionSummary(k, fingerprint, shards, totals)
+
+
+def modality_encoders(tokenizer) -> dict[str, Encoder]:
+    """Each modality's encoder, in the order samples are encoded."""
+    return {"text": functools.partial(encode_text, tokenizer=tokenizer), "image": encode_image,
+            "audio": encode_audio}
 
 
 def error_entry(record: Record, modality: str, stage: str, reason: str, message: str, action: str) -> dict:
@@ -129,7 +167,7 @@ def error_entry(record: Record, modality: str, stage: str, reason: str, message:
             "reason": reason, "error": message, "action": action}
 
 
-def build_sample(record: Record, job: Job, tokenizer, duplicate: bool):
+def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplicate: bool):
     """Returns ((members, index columns) or None when rejected, error entries)."""
     reject = lambda reason, message, modality="sample", stage="scan": (  # noqa: E731
         None, [error_entry(record, modality, stage, reason, message, "rejected")])
@@ -142,19 +180,19 @@ def build_sample(record: Record, job: Job, tokenizer, duplicate: bool):
     except SampleError as e:
         return reject(e.reason, str(e), "label")
     members, info, errors, rejected = {}, {}, [], False
-    for modality in ("text", "image", "audio"):
+    for modality, encode in encoders.items():
         raw = getattr(record, modality)
         if raw is None:
             continue
-        policy = getattr(job.config, modality).on_error
+        config = getattr(job.config, modality)
         try:
-            out, info[modality] = encode_modality(modality, raw, job, tokenizer)
+            out, info[modality] = encode(raw_input(modality, raw, job), config)
             members.update(out)
         except SampleError as e:
-            action = "rejected" if policy == "reject_sample" else "dropped_modality"
+            action = "rejected" if config.on_error == "reject_sample" else "dropped_modality"
             stage = "read" if e.reason in ("missing_file", "unreadable_file") else "process"
             errors.append(error_entry(record, modality, stage, e.reason, f"{modality}: {e}", action))
-            rejected |= policy == "reject_sample"
+            rejected |= config.on_error == "reject_sample"
     if rejected:
         return None, errors
     if not info:
@@ -167,15 +205,11 @@ def build_sample(record: Record, job: Job, tokenizer, duplicate: bool):
     return (members, index_columns(record, label, info)), errors
 
 
-def encode_modality(modality: str, raw, job: Job, tokenizer) -> tuple[dict[str, bytes], dict]:
-    config = getattr(job.config, modality)
-    if modality == "text":
-        return encode_text(raw, tokenizer, config)
-    data = raw if isinstance(raw, bytes) else read_input_file(raw, job.config.input.storage_options)
-    if modality == "image":
-        encoded, info = encode_image(data, config)
-        return {config.format: encoded}, info
-    return encode_audio(data, config)
+def raw_input(modality: str, raw, job: Job):
+    """What the encoder gets: the text as given; the bytes of an image or audio file (read here)."""
+    if modality == "text" or isinstance(raw, bytes):
+        return raw
+    return read_input_file(raw, job.config.input.storage_options)
 
 
 def read_input_file(url: str, storage_options: dict) -> bytes:

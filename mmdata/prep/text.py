@@ -86,8 +86,8 @@ def check_text(value: object) -> str:
     return value
 
 
-def encode_text(value: object, tokenizer: spm.SentencePieceProcessor,
-                config: TextConfig) -> tuple[dict[str, bytes], dict]:
+def encode_text(value: object, config: TextConfig,
+                tokenizer: spm.SentencePieceProcessor) -> tuple[dict[str, bytes], dict]:
     """Returns members ``{txt, tokens.npy}`` and info ``{n_tokens, truncated}``."""
     text = check_text(value)
     if len(text) > config.max_chars:

@@ -78,15 +78,15 @@ def test_each_bad_input_has_its_reason_and_nothing_is_lost(bad_manifest, tmp_pat
     config = preprocess_config(bad_manifest, tmp_path / "out", "text.max_chars=100", "max_error_rate=1.0")
     result = preprocess(config, log=lambda _: None)
     t = result.totals
-    assert t["samples_in"] == 16
-    assert t["written"] + t["rejected"] == t["samples_in"]
+    assert t.samples_in == 16
+    assert t.written + t.rejected == t.samples_in
     errors = [json.loads(line) for line in open(f"{result.dataset}/errors.jsonl")]
     by_reason = {}
     for e in errors:
         by_reason.setdefault(e["reason"], []).append(e)
         assert {"id", "modality", "stage", "error", "reason", "action"} <= set(e)
     counts = {reason: len(v) for reason, v in by_reason.items()}
-    assert counts == t["errors_by_reason"]
+    assert counts == t.errors_by_reason
     for reason in ("corrupt_image", "empty_image", "image_too_large", "missing_file", "corrupt_audio",
                    "empty_audio", "empty_text", "text_too_long", "duplicate_id", "invalid_utf8",
                    "invalid_label", "bad_row", "no_modalities"):
@@ -98,7 +98,7 @@ def test_each_bad_input_has_its_reason_and_nothing_is_lost(bad_manifest, tmp_pat
     assert by_reason["image_too_large"][0]["id"] == "bomb"
     # dropped modalities keep the sample: "trunc" is written with text only
     assert all(e["action"] == "dropped_modality" for e in by_reason["corrupt_image"])
-    assert t["rejected"] == len({e["row"] for e in errors if e["action"] == "rejected"})
+    assert t.rejected == len({e["row"] for e in errors if e["action"] == "rejected"})
 
 
 def test_reject_sample_policy_rejects_the_whole_sample(bad_manifest, tmp_path):
@@ -110,8 +110,8 @@ def test_reject_sample_policy_rejects_the_whole_sample(bad_manifest, tmp_path):
     assert image_errors and all(e["action"] == "rejected" for e in image_errors)
     loose = preprocess(preprocess_config(bad_manifest, tmp_path / "out2", "max_error_rate=1.0"),
                        log=lambda _: None)
-    assert result.totals["rejected"] > loose.totals["rejected"]
-    assert result.totals["written"] + result.totals["rejected"] == 16
+    assert result.totals.rejected > loose.totals.rejected
+    assert result.totals.written + result.totals.rejected == 16
 
 
 def test_error_rate_over_the_limit_fails_the_run_and_says_so(bad_manifest, tmp_path, capsys):

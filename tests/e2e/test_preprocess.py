@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from helpers import dataset_files, preprocess_config
-from mmdata.dataset import verify
+from mmdata.verify import verify
 from mmdata.prep.pipeline import preprocess
 from mmdata.schema import make_key
 
@@ -33,12 +33,12 @@ def manifest_rows(demo_dir):
 def test_every_input_sample_is_written_or_rejected(demo_result, demo_dir):
     _, result = demo_result
     t = result.totals
-    assert t["samples_in"] == len(manifest_rows(demo_dir)) == 48
-    assert t["written"] + t["rejected"] == t["samples_in"]
-    assert t["rejected"] == 0  # the demo data is clean
+    assert t.samples_in == len(manifest_rows(demo_dir)) == 48
+    assert t.written + t.rejected == t.samples_in
+    assert t.rejected == 0  # the demo data is clean
     description = json.loads(open(f"{result.dataset}/dataset.json").read())
     assert [s["name"] for s in description["shards"]] == [f"shard-{k:06d}.tar" for k in range(4)]
-    assert sum(s["samples"] for s in description["shards"]) == t["written"]
+    assert sum(s["samples"] for s in description["shards"]) == t.written
     assert description["labels"] == {name: i for i, name in enumerate(sorted(description["labels"]))}
 
 
@@ -105,7 +105,7 @@ def test_index_points_at_every_member(demo_result):
 
 
 def test_verify_and_info_agree(demo_result):
-    from mmdata.dataset import describe
+    from mmdata.verify import describe
     _, result = demo_result
     problems, checked = verify(result.dataset)
     assert problems == [] and checked == 48

@@ -78,6 +78,6 @@ def test_two_node_cluster_runs_partitions_on_both_nodes(demo_dir, tmp_path, refe
     assert "on 2 node(s)" in run.stdout
     assert "8 partitions built" in run.stdout
     dataset = run.stdout.split("dataset    ")[1].split()[0]
-    from mmdata.dataset import verify
+    from mmdata.verify import verify
     problems, checked = verify(dataset)
     assert problems == [] and checked == 48

@@ -50,12 +50,12 @@ def test_fixing_a_broken_file_rebuilds_only_its_shard(inputs, tmp_path):
     path.write_bytes(b"not an image at all")
     root = tmp_path / "work"
     broken = preprocess(preprocess_config(manifest, root, tok), **QUIET)
-    assert broken.totals["errors_by_reason"] == {"corrupt_image": 1}
+    assert broken.totals.errors_by_reason == {"corrupt_image": 1}
     assert broken.partitions_built == 4
     path.write_bytes(original)
     fixed = preprocess(preprocess_config(manifest, root, tok), **QUIET)
     assert (fixed.partitions_built, fixed.partitions_reused) == (1, 3)
-    assert fixed.totals["errors_by_reason"] == {}
+    assert fixed.totals.errors_by_reason == {}
     # same shards, index, errors and tokenizer as a clean run; dataset.json differs only in the
     # fingerprints, because the fixed file has a new mtime (file_identity: stat)
     without_description = lambda files: {k: v for k, v in files.items() if k != "dataset.json"}  # noqa: E731
@@ -74,7 +74,7 @@ def test_editing_a_caption_or_appending_rows_rebuilds_only_what_changed(inputs, 
     write_rows(manifest, data + [{**r, "id": r["id"] + "-copy"} for r in data[:5]])
     appended = preprocess(preprocess_config(manifest, root, tok), **QUIET)
     assert (appended.partitions_built, appended.partitions_reused) == (1, 4)
-    assert appended.totals["samples_in"] == 53
+    assert appended.totals.samples_in == 53
 
 
 def write_yaml(tmp_path, manifest, root, *extra) -> Path:

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mmdata.config import ConfigError, load_config
-from mmdata.prep.pipeline import PreprocessConfig
+from mmdata.prep.config import PreprocessConfig
 
 PIPELINES = Path(__file__).parents[2] / "pipelines"
 

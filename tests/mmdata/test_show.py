@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmdata.dataset import DatasetError
-from mmdata.schema import FORMAT_VERSION
+from mmdata.dataset import DatasetError, ShardInfo, TokenizerInfo, Totals, description_json, load_description
 from mmdata.shards import ShardWriter
 from mmdata.show import contact_sheet, pick_rows, read_samples
 
@@ -65,8 +64,11 @@ def dataset(tmp_path_factory) -> Path:
             writer.write(f"k{row}", encode_sample(*sample, row, rng), index_columns(*sample, row))
             row += 1
         shards += writer.close()
-    description = {"format_version": FORMAT_VERSION, "shards": shards, "labels": LABELS,
-                   "totals": {"written": row, "shards": len(shards)}}
+    shards = [ShardInfo(**s, partition=i, fingerprint="f") for i, s in enumerate(shards)]
+    tokenizer = TokenizerInfo("tokenizer.model", "0", 64, True, 1, 2, 0)
+    config = {"image": {"size": 32}, "audio": {"n_mels": 16, "sample_rate": 16000}}
+    description = description_json("t", "f", config, {}, LABELS, tokenizer, shards,
+                                    Totals(written=row, shards=len(shards)), {})
     (out / "dataset.json").write_text(json.dumps(description))
     return out
 
@@ -90,9 +92,9 @@ def test_sheet_is_a_non_blank_png_written_atomically(dataset, tmp_path):
 
 
 def test_more_than_available_shows_all(dataset, tmp_path):
-    shards = json.loads((dataset / "dataset.json").read_text())["shards"]
-    assert [r["id"] for r in pick_rows(str(dataset), shards, 50, seed=0)] == ALL_IDS
-    assert sorted(r["id"] for r in pick_rows(str(dataset), shards, 50, seed=3)) == sorted(ALL_IDS)
+    description = load_description(str(dataset))
+    assert [r["id"] for r in pick_rows(description, 50, seed=0)] == ALL_IDS
+    assert sorted(r["id"] for r in pick_rows(description, 50, seed=3)) == sorted(ALL_IDS)
     contact_sheet(str(dataset), str(tmp_path / "all.png"), n=50, seed=3)
     contact_sheet(str(dataset), str(tmp_path / "six.png"), n=6)
     contact_sheet(str(dataset), str(tmp_path / "four.png"), n=4)
@@ -101,17 +103,17 @@ def test_more_than_available_shows_all(dataset, tmp_path):
 
 
 def test_seed_zero_takes_the_first_and_other_seeds_a_reproducible_choice(dataset):
-    shards = json.loads((dataset / "dataset.json").read_text())["shards"]
-    assert [r["id"] for r in pick_rows(str(dataset), shards, 4, seed=0)] == ALL_IDS[:4]
-    chosen = [[r["id"] for r in pick_rows(str(dataset), shards, 3, seed=s)] for s in (1, 1, 2, 5, 7)]
+    description = load_description(str(dataset))
+    assert [r["id"] for r in pick_rows(description, 4, seed=0)] == ALL_IDS[:4]
+    chosen = [[r["id"] for r in pick_rows(description, 3, seed=s)] for s in (1, 1, 2, 5, 7)]
     assert chosen[0] == chosen[1]
     assert all(len(set(ids)) == 3 and set(ids) <= set(ALL_IDS) for ids in chosen)
     assert len({tuple(ids) for ids in chosen}) > 1, "different seeds should pick differently"
 
 
 def test_members_read_by_offset_match_what_was_written(dataset):
-    shards = json.loads((dataset / "dataset.json").read_text())["shards"]
-    samples = read_samples(str(dataset), pick_rows(str(dataset), shards, 6, seed=0))
+    description = load_description(str(dataset))
+    samples = read_samples(str(dataset), pick_rows(description, 6, seed=0))
     for sample, (sid, caption, size, frames, label) in zip(samples, [s for shard in SAMPLES for s in shard]):
         assert (sample["id"], sample["caption"], sample["label"]) == (sid, caption, label)
         assert (sample["image"] is None) == (size is None)

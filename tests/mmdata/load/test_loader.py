@@ -63,23 +63,22 @@ def test_worker_count_and_message_size_do_not_change_the_batches(demo_dataset):
 
 @pytest.mark.parametrize("lookup_samples", [1, 12, 10**6])
 def test_looking_places_up_ahead_does_not_change_the_batches(demo_dataset, monkeypatch, lookup_samples):
-    import mmdata.load.loader as loader_module
+    import mmdata.load.batches as batches_module
     base = batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=0, message_samples=0)))
-    monkeypatch.setattr(loader_module, "LOOKUP_SAMPLES", lookup_samples)   # forked workers inherit it
+    monkeypatch.setattr(batches_module, "LOOKUP_SAMPLES", lookup_samples)   # forked workers inherit it
     assert batch_ids(MultimodalLoader(loader_config(demo_dataset, num_workers=2, message_samples=12))) == base
 
 
 def test_messages_hold_whole_batches_up_to_the_sample_and_byte_bounds(demo_dataset):
-    from mmdata.load.loader import batch_bytes_bound
     per_message = lambda **kw: MultimodalLoader(loader_config(demo_dataset, **kw)).plan.batches_per_message  # noqa: E731
-    one_batch = batch_bytes_bound(MultimodalLoader(loader_config(demo_dataset)).plan)
+    one_batch = MultimodalLoader(loader_config(demo_dataset)).plan.batch_bytes
     assert per_message(message_samples=12) == 3 and per_message(message_samples=0) == 1
     assert per_message(message_samples=1000, message_bytes=2 * one_batch) == 2      # the byte bound wins
     assert per_message(message_samples=1000, message_bytes=1) == 1                  # never less than a batch
 
 
 def test_message_groups_keep_order_and_size():
-    from mmdata.load.loader import message_groups
+    from mmdata.load.batches import message_groups
     messages = [range(0, 1), range(1, 2), range(2, 5), range(5, 8), range(8, 9)]
     groups = list(message_groups(iter(messages), 4))
     assert [m for g in groups for m in g] == messages
@@ -125,12 +124,12 @@ def test_exact_resume_yields_the_same_next_batches(demo_dataset, stop_after, mes
 
 
 def test_resuming_reads_and_decodes_only_the_samples_still_to_come(demo_dataset, monkeypatch):
-    import mmdata.load.loader as loader_module
+    import mmdata.load.batches as batches_module
     from mmdata.load.reader import ShardReader
     read, decoded = [], []
-    real_read, real_decode = ShardReader.read_batch, loader_module.decode_sample
+    real_read, real_decode = ShardReader.read_batch, batches_module.decode_sample
     monkeypatch.setattr(ShardReader, "read_batch", lambda self, urls, *a: read.extend(urls) or real_read(self, urls, *a))
-    monkeypatch.setattr(loader_module, "decode_sample", lambda *a: decoded.append(1) or real_decode(*a))
+    monkeypatch.setattr(batches_module, "decode_sample", lambda *a: decoded.append(1) or real_decode(*a))
     config = loader_config(demo_dataset)                     # in this process (no workers): the spies see it all
     total = len(MultimodalLoader(config))
     resumed = MultimodalLoader(config)

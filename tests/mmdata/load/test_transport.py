@@ -129,7 +129,7 @@ def test_slots_come_back_after_epochs_and_abandoned_epochs(demo_dataset):
 
 def test_small_tensors_travel_joined_in_one_buffer_and_come_back_equal_writable_and_in_order():
     import pickle
-    from mmdata.load.loader import JOINED_KEY, pack_small_tensors, unpack
+    from mmdata.load.transport import JOINED_KEY, pack_small_tensors, unpack
     batch = {"ids": ["a", "b", "c"], "label": torch.tensor([3, -1, 7]), "has_label": torch.tensor([True, False, True]),
              "mel": torch.randn(3, 4, 5).half(), "big": torch.arange(5000, dtype=torch.int32), "epoch": 2,
              "image": torch.zeros(3, 5, 4, 3, dtype=torch.uint8).permute(0, 3, 1, 2)}   # channels_last
@@ -154,7 +154,8 @@ def test_with_pinning_every_tensor_of_a_worker_batch_reaches_dataloaders_pin_mem
     import pickle
     from torch.utils.data._utils.pin_memory import pin_memory
     import torch.utils.data._utils.worker as worker_module
-    from mmdata.load.loader import EpochBatches, encode_control, unpack_message
+    from mmdata.load.batches import EpochBatches
+    from mmdata.load.transport import encode_control, unpack_message
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t.clone()) or pinned[-1])
     loader = MultimodalLoader(loader_config(demo_dataset, batch_size=8, num_workers=1))

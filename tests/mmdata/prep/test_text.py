@@ -24,7 +24,7 @@ def test_training_is_deterministic():
 
 
 def test_tokens_are_int32_npy_with_bos_and_eos(tokenizer):
-    members, info = encode_text("a red circle on the left", tokenizer, TextConfig())
+    members, info = encode_text("a red circle on the left", TextConfig(), tokenizer)
     ids = np.load(io.BytesIO(members["tokens.npy"]), allow_pickle=False)
     assert ids.dtype == np.int32 and ids.ndim == 1
     assert ids[0] == tokenizer.bos_id() and ids[-1] == tokenizer.eos_id()
@@ -35,13 +35,13 @@ def test_tokens_are_int32_npy_with_bos_and_eos(tokenizer):
 
 def test_long_texts_are_truncated_to_max_tokens_keeping_eos(tokenizer):
     config = TextConfig(max_tokens=6)
-    members, info = encode_text(" ".join(TEXTS[:5]), tokenizer, config)
+    members, info = encode_text(" ".join(TEXTS[:5]), config, tokenizer)
     ids = np.load(io.BytesIO(members["tokens.npy"]), allow_pickle=False)
     assert len(ids) == 6 and info["truncated"] and ids[-1] == tokenizer.eos_id()
 
 
 def test_bos_eos_can_be_switched_off(tokenizer):
-    members, _ = encode_text("blue square", tokenizer, TextConfig(add_bos=False, add_eos=False))
+    members, _ = encode_text("blue square", TextConfig(add_bos=False, add_eos=False), tokenizer)
     ids = np.load(io.BytesIO(members["tokens.npy"]), allow_pickle=False)
     assert tokenizer.bos_id() not in ids and tokenizer.eos_id() not in ids
 
@@ -56,10 +56,10 @@ def test_bos_eos_can_be_switched_off(tokenizer):
 ])
 def test_bad_text_has_a_reason(tokenizer, value, reason):
     with pytest.raises(SampleError) as info:
-        encode_text(value, tokenizer, TextConfig(max_chars=40))
+        encode_text(value, TextConfig(max_chars=40), tokenizer)
     assert info.value.reason == reason
 
 
 def test_non_ascii_text_survives(tokenizer):
-    members, _ = encode_text("ünïcode ✓ 文字", tokenizer, TextConfig())
+    members, _ = encode_text("ünïcode ✓ 文字", TextConfig(), tokenizer)
     assert members["txt"].decode("utf-8") == "ünïcode ✓ 文字"
