@@ -67,3 +67,4 @@ def test_missing_or_broken_config_file_is_a_config_error(tmp_path):
     bad.write_text("input: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(PreprocessConfig, bad)
+

@@ -30,3 +30,10 @@ def test_loader_datasets_are_filled_in_not_given(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(ExperimentConfig, None, ["data.dataset=x", "optim.lr=-1"])
     assert info.value.key == "optim.lr"
+
+
+@pytest.mark.parametrize("key", ["train.eval_every", "train.checkpoint_every"])
+def test_a_negative_cadence_names_its_own_key(key):
+    with pytest.raises(ConfigError) as info:
+        load_config(ExperimentConfig, None, ["data.dataset=x", f"{key}=-1"])
+    assert info.value.key == key

@@ -1,0 +1,59 @@
+"""A partition: one encoder shape for every modality, a typed summary that survives the store, executors that
+differ only in scheduling."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from helpers import preprocess_config
+from mmdata import storage
+from mmdata.prep.executor import SerialExecutor, make_executor, RayExecutor, run_with_progress
+from mmdata.prep.partition import SUMMARY, Job, PartitionSummary, modality_encoders, raw_input, run_partition
+from mmdata.prep.pipeline import STORE, get_tokenizer, iter_partitions, job_salt, label_mapping, scan_input
+from mmdata.prep.text import load_tokenizer
+
+
+@pytest.fixture()
+def job_and_partitions(demo_dir, tmp_path):
+    config = preprocess_config(demo_dir / "manifest.jsonl", tmp_path, "output.samples_per_shard=20")
+    scan = scan_input(config)
+    tokenizer, labels = get_tokenizer(config, scan), label_mapping(scan)
+    job = Job(config, tokenizer, labels, job_salt(config, tokenizer, labels), storage.join(str(tmp_path), STORE))
+    return job, list(iter_partitions(config, scan))
+
+
+def test_every_encoder_takes_raw_input_and_config_and_gives_members_and_info(job_and_partitions):
+    job, partitions = job_and_partitions
+    encoders = modality_encoders(load_tokenizer(job.tokenizer))
+    assert list(encoders) == ["text", "image", "audio"]
+    record = next(r for r in partitions[0][1] if r.text and r.image and r.audio)
+    for modality, encode in encoders.items():
+        members, info = encode(raw_input(modality, getattr(record, modality), job), getattr(job.config, modality))
+        assert members and all(isinstance(v, bytes) and v for v in members.values()), modality
+        assert isinstance(info, dict) and info, modality
+    assert set(encoders["image"](raw_input("image", record.image, job), job.config.image)[0]) == {"jpg"}
+
+
+def test_a_summary_comes_back_from_the_store_as_it_was_built(job_and_partitions):
+    job, partitions = job_and_partitions
+    k, records, duplicates = partitions[1]
+    built = run_partition(job, k, records, duplicates)
+    assert not built.reused and built.partition == 1 and built.totals.samples_in == len(records) == 20
+    assert [s.name for s in built.shards] == ["shard-000001.tar"]
+    assert all(s.partition == 1 and s.fingerprint == built.fingerprint for s in built.shards)
+    again = run_partition(job, k, records, duplicates)
+    assert again == replace(built, reused=True)
+    stored = storage.read_json(storage.join(job.store, built.fingerprint, SUMMARY), {})
+    assert PartitionSummary.from_json(stored) == built
+
+
+def test_the_serial_executor_runs_every_partition_in_order(job_and_partitions):
+    job, partitions = job_and_partitions
+    executor = make_executor(job.config.ray)
+    assert isinstance(executor, SerialExecutor)
+    summaries = run_with_progress(executor, job, reversed(partitions), 48, progress=False)
+    assert [s.partition for s in summaries] == [0, 1, 2]
+    assert sum(s.totals.samples_in for s in summaries) == 48
+    assert isinstance(make_executor(replace(job.config.ray, executor="ray")), RayExecutor)
