@@ -55,7 +55,7 @@ def cleanup() -> None:
     """Leave the process group, once nothing from training is alive (call it after the function that
     trained has returned). Tensors and autograd graphs that came out of collectives and outlive the
     group are freed at interpreter exit, after the group is gone, which aborts the process with
-    "terminate called without an active exception" (gloo, torch 2.14: ~1 run in 10 under load, measured)."""
+    "terminate called without an active exception" (gloo, torch 2.14, now and then under load)."""
     if dist.is_initialized():
         gc.collect()     # reference cycles that hold collective results go now, while the group exists
         if dist.get_world_size() > 1:

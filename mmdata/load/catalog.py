@@ -45,8 +45,8 @@ class Catalog:
     def ids_of(self, rows: np.ndarray) -> list[str]:
         """The ids of ``rows``, sliced straight from the Arrow buffers.
 
-        ``ids.take(rows)`` costs ~10 µs per 64 rows on its own but 200-300 µs inside a loading loop
-        (measured; Arrow's allocator, not the work), which was 4-5% of a worker's time per sample.
+        ``ids.take(rows)`` is cheap on its own but many times slower inside a loading loop (Arrow's
+        allocator, not the work), enough to show in a worker's time per sample.
         """
         ids = self.ids
         width = np.dtype(np.int64 if pa.types.is_large_string(ids.type) else np.int32)

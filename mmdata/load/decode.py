@@ -185,7 +185,7 @@ def _native_image_op():
 
     Its Python wrapper ``decode_image`` issues a DeprecationWarning on every call
     (torchvision 0.29 hands decoding over to TorchCodec, which needs FFmpeg) and
-    logs API usage: together ~5% of a worker's time at 64 px (py-spy). The op is
+    logs API usage, a visible share of a worker's time on small images. The op is
     what the wrapper calls; without it the wrapper is used, and Pillow after that.
     """
     try:
@@ -325,7 +325,7 @@ def collate_images(images: list, normalize: bool, empty=np.empty) -> dict:
     """uint8 (or normalised float32) [B, 3, H, W] in channels_last memory format (NHWC in memory).
 
     Decoders produce pixels as H x W x RGB; reordering them to NCHW on the CPU
-    costs more than a third of the JPEG decode itself at 224 px (measured).
+    costs a large fraction of the JPEG decode itself.
     Channels-last tensors are what convolutions prefer anyway, and a model
     that needs NCHW gets it with ``.contiguous()`` on the GPU.
     """

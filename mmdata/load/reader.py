@@ -154,7 +154,7 @@ class ShardReader:
         raised (one bad sample must not fail the batch). ``ends`` is each sample's last byte + 1.
 
         A sample of a shard that is already mapped (the common case) costs one slice per member
-        and no call: per sample, the calls and checks of ``read`` were ~2% of a worker (measured).
+        and no call: per sample, the calls and checks of ``read`` show in a worker's profile.
         """
         maps = self._maps if self.config.mmap else {}
         out: list[list[Bytes] | ShardReadError] = []
@@ -215,8 +215,8 @@ class ShardReader:
     def _mapped(self, url: str, shard_bytes: int | None) -> memoryview | None:
         """The local shard mapped read-only, or None where its filesystem cannot map it (then pread).
 
-        Reading a slice of the page cache instead of copying it out saved ~10% of a worker's time
-        per sample (measured). Shards are written once (tmp + rename), so a mapping never sees them
+        Reading a slice of the page cache instead of copying it out saves a copy of every member
+        (docs/performance.md). Shards are written once (tmp + rename), so a mapping never sees them
         change; a mapping is dropped from this cache without unmapping, and goes when no slice of it
         is alive.
         """

@@ -213,7 +213,7 @@ def _log_mel(wave: torch.Tensor, config: AudioConfig) -> np.ndarray:
     with torch.no_grad():
         mel = torch.log(transform(wave.float()) + config.log_offset).to(torch.float16).numpy()
     # The transform returns a transposed view; stored as is it would be a Fortran-order .npy, which
-    # every loader would then copy across strides (5x slower to collate than C order, measured).
+    # every loader would then copy across strides, several times slower to collate than C order.
     mel = np.ascontiguousarray(mel)
     if not np.isfinite(mel).all():
         raise SampleError("corrupt_audio", "audio sample values are too large: the log-mel overflows; "
