@@ -172,7 +172,7 @@ def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplica
     reject = lambda reason, message, modality="sample", stage="scan": (  # noqa: E731
         None, [error_entry(record, modality, stage, reason, message, "rejected")])
     if record.error:
-        return reject("bad_row", record.error)
+        return reject(record.error_reason, record.error)
     if duplicate:
         return reject("duplicate_id", f"id {record.id!r} already appeared earlier in the input; the first wins")
     try:

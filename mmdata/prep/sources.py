@@ -59,7 +59,8 @@ class Record:
     audio: str | bytes | None = None
     label: Any = None
     meta: dict = field(default_factory=dict)
-    error: str | None = None        # the row itself is unreadable (bad JSON line...): rejected as bad_row
+    error: str | None = None        # the row itself is unusable (bad JSON line...): rejected with error_reason
+    error_reason: str = "bad_row"   # the reason it is counted under (a short stable slug)
 
 
 def manifest_format(path: str) -> str | None:
