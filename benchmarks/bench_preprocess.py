@@ -5,7 +5,9 @@
 
 Kernel ceiling = the same per-sample code (read, tokenize, image decode/resize/encode,
 audio decode/resample/log-mel) in a plain single-process loop, times the cores used.
-Both are measured in this run, so the ratio survives a noisy machine.
+Both are measured in this run, so the ratio survives a noisy machine. So is the cost of the
+index's member checksums: zlib.crc32 over every member the kernel produced, per sample, as a
+share of the kernel's time per sample.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import yaml
@@ -32,8 +36,8 @@ def bench_config(manifest: Path, root: Path, tokenizer: str | None, cpus: int) -
     return to_dict(load_config(PreprocessConfig, Path(__file__).parents[1] / "pipelines/demo.yaml", overrides))
 
 
-def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> dict:
-    """Samples/s of each modality's code and of all together, single process."""
+def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> tuple[dict, list[bytes]]:
+    """Samples/s of each modality's code and of all together, single process; and the members it made."""
     import torch
     from mmdata.config import from_dict
     from mmdata.prep.config import PreprocessConfig
@@ -62,11 +66,23 @@ def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> dict:
         rates[modality] = len(items) / (time.perf_counter() - start)
     labels = {name: i for i, name in enumerate(sorted({str(r.label) for r in records}))}
     job = Job(config, model, labels, "", "")
+    built = []
     start = time.perf_counter()
     for record in records:
-        build_sample(record, job, encoders, False)
+        built.append(build_sample(record, job, encoders, False)[0])
     rates["all"] = len(records) / (time.perf_counter() - start)
-    return rates
+    return rates, [data for sample in built if sample for data in sample[0].values()]
+
+
+def checksum_seconds(members: list[bytes], repeats: int = 7) -> float:
+    """Seconds to crc32 every member once, as ShardWriter does (median of ``repeats``)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for data in members:
+            zlib.crc32(data)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def run_preprocess(config_path: Path) -> tuple[dict, float, dict]:
@@ -144,7 +160,8 @@ def main() -> None:
     tokenizer = str(tok_root / "tokenizer.model")
 
     config = bench_config(data / "manifest.jsonl", work / "out", tokenizer, args.cpus)
-    kernel = kernel_rates(config, data / "manifest.jsonl", args.n)   # the same rows the pipeline processes
+    kernel, members = kernel_rates(config, data / "manifest.jsonl", args.n)   # the rows the pipeline processes
+    crc = checksum_seconds(members)
     ceiling = kernel["all"] * args.cpus
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -155,6 +172,10 @@ def main() -> None:
     print(f"kernel (1 process): text {kernel['text']:.0f}/s, image {kernel['image']:.0f}/s, "
           f"audio {kernel['audio']:.0f}/s, all modalities {kernel['all']:.1f} samples/s")
     print(f"kernel ceiling x{args.cpus} cores: {ceiling:.1f} samples/s")
+    per_sample = 1 / kernel["all"]
+    print(f"checksums (zlib.crc32 of every member, {sum(map(len, members)) / args.n / 1e3:.1f} kB/sample): "
+          f"{crc / args.n * 1e6:.1f} us/sample = {crc / args.n / per_sample:.2%} of the kernel's "
+          f"{per_sample * 1e3:.2f} ms/sample ({sum(map(len, members)) / crc / 1e9:.2f} GB/s)")
     print(f"pipeline end to end (incl. process start, Ray start, scan): {end_to_end:.1f} samples/s "
           f"= {end_to_end / ceiling:.2f} of ceiling")
     print(f"pipeline partition phase (Ray tasks, wall clock): {steady:.1f} samples/s = {steady / ceiling:.2f} of ceiling")

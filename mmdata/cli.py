@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
+import threading
 
 from mmdata.config import ConfigError
 
@@ -19,18 +22,59 @@ Turn multimodal samples (text, image, audio, label) into sharded WebDataset tars
 """
 
 
+# Exit codes (docs/preprocessing.md): 1 a run that finished but failed its check (error rate, verify),
+# 2 bad config or input, 3 the environment (disk full, permissions, a path that is a file), 130 interrupted.
+EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 2, 3, 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from mmdata.dataset import DatasetError
+    # SIGTERM (a scheduler's stop) takes Ctrl-C's path: temp files are removed, finished shards kept
+    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         return args.run(args)
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume (finished shards are kept)", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line: the path, what went wrong, what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e)
+    advice = {errno.ENOSPC: "the disk is full; free space and rerun the same command (finished shards are kept)",
+              errno.EDQUOT: "the disk quota is used up; free space and rerun the same command",
+              errno.EROFS: "the filesystem is read-only; choose another output.root",
+              errno.EACCES: "no permission; check the path's permissions or choose another output.root",
+              errno.EPERM: "no permission; check the path's permissions or choose another output.root",
+              errno.ENOTDIR: "a part of the path is a file, not a folder; choose another output.root",
+              errno.EEXIST: "a part of the path is a file, not a folder; choose another output.root"}
+    return f"{where}{what}; {advice.get(e.errno, 'check the path and rerun the same command')}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="generate the embedded demo dataset and its manifest")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=2000, help="number of samples")
+    p.add_argument("--n", type=positive_int, default=2000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl", help="manifest format")
     p.set_defaults(run=run_demo)
@@ -66,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="draw a contact sheet (images, captions, mel spectrograms)")
     p.add_argument("dataset")
-    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--n", type=positive_int, default=16, help="number of samples")
     p.add_argument("--out", default="sheet.png", help="PNG file to write")
     p.add_argument("--seed", type=int, default=0, help="which samples (0 = the first ones)")
     p.set_defaults(run=run_show)
@@ -125,12 +169,14 @@ def run_wids_index(args) -> int:
 
 
 def run_verify(args) -> int:
-    from mmdata.verify import verify
-    problems, checked = verify(args.dataset)
-    for problem in problems:
+    from mmdata.verify import check_dataset
+    report = check_dataset(args.dataset)
+    for problem in report.problems:
         print(problem)
-    print(f"{checked} samples checked, {len(problems)} problems: {'OK' if not problems else 'UNHEALTHY'}")
-    return 1 if problems else 0
+    for note in report.notes:
+        print(f"note: {note}")
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def run_show(args) -> int:

@@ -44,11 +44,16 @@ def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequenc
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError("", f"config file {path} does not exist")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError("", f"config file {path} {what}")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError("", f"config file {path} is not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError("", f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError("", f"config file {path} cannot be read: {e.strerror or e}") from None
         if not isinstance(data, dict):
             raise ConfigError("", f"config file {path} must hold a mapping at the top level")
     for override in overrides:

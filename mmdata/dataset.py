@@ -11,6 +11,7 @@ The format is described in docs/format.md.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +22,17 @@ from mmdata.schema import DATASET_JSON, FORMAT_VERSION, INDEX_DIR, PROCESSING_VE
 
 class DatasetError(Exception):
     """The directory is not a complete dataset this version can read."""
+
+
+# Format versions this mmdata reads. Version 1 is version 2 without the per-member crc32 in the index
+# (readers that do not check checksums read both the same way); mmdata writes FORMAT_VERSION.
+READABLE_FORMAT_VERSIONS = (1, 2)
+assert FORMAT_VERSION in READABLE_FORMAT_VERSIONS
+# what preprocessing names shards (schema.shard_name); anything else in a shard list is refused, so a
+# damaged or hostile dataset.json cannot point readers outside the dataset directory
+SHARD_NAME = re.compile(r"shard-[0-9]{6,}(_[0-9]+)?\.tar")
+WIDS_INDEX = "wids-index.json"   # written by `mmdata wids-index`, the one file added to a finished dataset
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")   # a file next to dataset.json, no folders
 
 
 @dataclass(frozen=True)
@@ -107,24 +119,36 @@ class DatasetDescription:
         """Parse and check a dataset.json document; DatasetError names the file and the key."""
         if not isinstance(doc, dict):
             raise DatasetError(f"{storage.join(url, DATASET_JSON)} does not hold a JSON object")
-        if doc.get("format_version") != FORMAT_VERSION:
-            raise DatasetError(f"{url} has format version {doc.get('format_version')}; "
-                               f"this mmdata reads version {FORMAT_VERSION}")
+        version = doc.get("format_version")
+        if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:   # type(): True == 1
+            raise DatasetError(f"{storage.join(url, DATASET_JSON)} has format version {version!r}; this mmdata "
+                               f"reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))} (upgrade mmdata, "
+                               "or rebuild the dataset with this one)")
         get = Fields(doc, storage.join(url, DATASET_JSON))
         tokenizer = TokenizerInfo(**{f: get(f"tokenizer.{f}", t) for f, t in (
             ("file", str), ("sha256", str), ("vocab_size", int), ("trained", bool),
             ("bos_id", int), ("eos_id", int), ("pad_id", int))})
+        get.check("tokenizer.file", tokenizer.file, PLAIN_NAME.fullmatch(tokenizer.file), "a file name")
         shards = tuple(ShardInfo(**{f: get(f"shards[{i}].{f}", t) for f, t in (
             ("name", str), ("samples", int), ("bytes", int), ("partition", int), ("fingerprint", str))})
             for i in range(len(get("shards", list))))
+        named: set[str] = set()
+        for i, shard in enumerate(shards):
+            get.check(f"shards[{i}].name", shard.name, SHARD_NAME.fullmatch(shard.name) and shard.name not in named,
+                      "shard-NNNNNN[_K].tar, listed once")
+            named.add(shard.name)
         totals = Totals(**{f: get(f"totals.{f}", t) for f, t in (
             ("samples_in", int), ("written", int), ("rejected", int), ("bytes", int), ("shards", int),
             ("modalities", dict), ("errors_by_reason", dict))})
+        labels = get("labels", dict, optional=True)
+        for key, counts in (("totals.modalities", totals.modalities), ("totals.errors_by_reason",
+                                                                        totals.errors_by_reason), ("labels", labels)):
+            get.check(key, counts, all(type(n) is int for n in (counts or {}).values()), "a map of names to ints")
         return cls(url=url, name=get("name", str), fingerprint=get("fingerprint", str),
-                   format_version=FORMAT_VERSION, processing_version=get("processing_version", int),
+                   format_version=version, processing_version=get("processing_version", int),
                    image_size=get("config.image.size", int), n_mels=get("config.audio.n_mels", int),
                    sample_rate=get("config.audio.sample_rate", int), tokenizer=tokenizer,
-                   labels=get("labels", dict, optional=True), shards=shards, totals=totals,
+                   labels=labels, shards=shards, totals=totals,
                    source=get("source", dict), config=get("config", dict), versions=get("versions", dict))
 
 
@@ -154,9 +178,15 @@ class Fields:
         if value is None and optional:
             return None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise DatasetError(f"{self.where}: {key} must be {kind.__name__}, found {value!r}; the file is damaged "
-                               "or was not written by mmdata preprocess (rebuild the dataset)")
+            self.check(key, value, False, kind.__name__)
         return value
+
+    def check(self, key: str, value: Any, ok: Any, what: str) -> None:
+        """DatasetError naming the file and the key unless ``ok``."""
+        if not ok:
+            found = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise DatasetError(f"{self.where}: {key} must be {what}, found {found}; the file is damaged "
+                               "or was not written by mmdata preprocess (rebuild the dataset)")
 
 
 def load_description(dataset: str, storage_options: dict | None = None) -> DatasetDescription:
@@ -165,10 +195,14 @@ def load_description(dataset: str, storage_options: dict | None = None) -> Datas
     if not storage.exists(url, storage_options or {}):
         raise DatasetError(f"{dataset} is not a complete mmdata dataset: {DATASET_JSON} is missing "
                            "(it is written last; did `mmdata preprocess` finish?)")
+    if storage.is_local(url) and not storage.local_path(url).is_file():   # a FIFO would block the read
+        raise DatasetError(f"{url} is not a regular file; rebuild the dataset")
     try:
         doc = storage.read_json(url, storage_options or {})
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError included; RecursionError: nested too deep
         raise DatasetError(f"{url} is not valid JSON ({e}); rebuild the dataset") from None
+    except OSError as e:
+        raise DatasetError(f"{url} cannot be read ({e}); check the path and its permissions") from None
     return DatasetDescription.from_json(doc, dataset)
 
 
@@ -182,6 +216,6 @@ def write_wids_index(dataset: str) -> str:
     d = load_description(dataset)
     doc = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": d.name,
            "shardlist": [{"url": s.name, "nsamples": s.samples} for s in d.shards]}
-    url = storage.join(dataset, "wids-index.json")
+    url = storage.join(dataset, WIDS_INDEX)
     storage.write_json(url, doc, {})
     return url

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import re
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Bumped whenever the bytes produced for the same input and config change (a new resampler,
 # encoder settings...). It is part of every fingerprint, so upgraded code never reuses shards
 # that older code wrote differently. FORMAT_VERSION is the reader-facing contract.
-PROCESSING_VERSION = 3            # 3: mel.npy in C order (was Fortran order)
+PROCESSING_VERSION = 4            # 4: safe ids that look like hashed keys are hashed too; 3: mel.npy in C order
 
 # Member extensions. Order here is the order members are written in a sample.
 JSON = "json"
@@ -38,6 +38,7 @@ INDEX_DIR = "index"
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+_HASHED_KEY = re.compile(r"_[0-9a-f]{10}$")
 
 
 def make_key(sample_id: str) -> str:
@@ -45,10 +46,11 @@ def make_key(sample_id: str) -> str:
 
     WebDataset splits member names at the first dot and treats slashes as
     directories, so any other id becomes a readable, sanitised prefix plus a
-    hash of the full id (keeping keys unique). The original id always
-    survives in ``<key>.json``.
+    hash of the full id. A safe id that ends the way such keys do
+    (``_`` + 10 hex digits) is hashed too, so that no id can equal another
+    id's key. The original id always survives in ``<key>.json``.
     """
-    if _SAFE_KEY.match(sample_id):
+    if _SAFE_KEY.match(sample_id) and not _HASHED_KEY.search(sample_id):
         return sample_id
     digest = hashlib.sha1(sample_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     prefix = _UNSAFE_CHARS.sub("_", sample_id)[:48].strip("_")
@@ -79,5 +81,14 @@ class SampleError(Exception):
     """
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
+        super().__init__(without_addresses(message))
         self.reason = reason
+
+
+def without_addresses(message: str) -> str:
+    """Libraries put object reprs in messages (``<_io.BytesIO object at 0x7f3a...>``); reports must be the
+    same bytes run after run, so the address goes."""
+    return _ADDRESS.sub(">", message)
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")

@@ -4,7 +4,8 @@ Every header field that could vary between runs (mtime, uid/gid, names,
 mode) is fixed, members are written in schema order, and the tar is written
 under a temporary name and renamed when complete. While writing we know
 each member's byte offset, so the Parquet index that lets readers seek to
-any sample costs nothing extra.
+any sample costs nothing extra; each member's CRC-32 (for ``mmdata verify``) is
+one pass over bytes already in memory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +30,9 @@ INDEX_SCHEMA = pa.schema([
     ("row", pa.int64()),
     ("offset", pa.int64()),        # byte offset of the sample's first tar header
     ("size", pa.int64()),          # bytes from that header to the end of the sample's last member
-    ("members", pa.list_(pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))),
+    # each member's extension, data byte range and CRC-32 (zlib.crc32) of its data; format v1 had no crc32
+    ("members", pa.list_(pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+                                    ("crc32", pa.uint32())]))),
     ("has_text", pa.bool_()),
     ("has_image", pa.bool_()),
     ("has_audio", pa.bool_()),
@@ -78,7 +82,7 @@ class ShardWriter:
             data = members[ext]
             header = self._tar.offset
             self._tar.addfile(tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
-            placed.append({"ext": ext, "offset": header + 512, "size": len(data)})
+            placed.append({"ext": ext, "offset": header + 512, "size": len(data), "crc32": zlib.crc32(data)})
         end = placed[-1]["offset"] + placed[-1]["size"]
         self._rows.append({"shard": self._name, "key": key, "offset": start, "size": end - start,
                            "members": placed, **index})
@@ -90,6 +94,13 @@ class ShardWriter:
         if self._tar is not None:
             self._finish()
         return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (an error or a signal stopped the partition): no temp file stays."""
+        if self._file is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+        self._tar, self._file, self._rows = None, None, []
 
     def _open(self) -> None:
         self._name = shard_name(self.partition, len(self.shards))
@@ -115,7 +126,10 @@ def write_index(path: Path, rows: list[dict]) -> None:
     table = pa.Table.from_pydict(columns, schema=INDEX_SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    # no statistics/page index timestamps: pyarrow output is byte-stable for the same table
-    pq.write_table(table, tmp, compression="zstd", write_statistics=False)
-    os.replace(tmp, path)
+    try:
+        # no statistics/page index timestamps: pyarrow output is byte-stable for the same table
+        pq.write_table(table, tmp, compression="zstd", write_statistics=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -25,9 +26,31 @@ def local_path(url: str) -> Path:
 
 
 def temp_path(path: Path) -> Path:
-    """A unique hidden name beside ``path`` to write to before renaming onto it: ``.<name>.<random>.tmp``.
-    Readers never see a partial file under the final name, and concurrent writers never share one."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    """A unique hidden name beside ``path`` to write to before renaming onto it:
+    ``.<name>.<host>-<pid>-<random>.tmp``. Readers never see a partial file under the final name,
+    concurrent writers never share one, and one left by a killed process can be told apart
+    (``stale_temp_files``)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+
+
+def stale_temp_files(folder: Path) -> list[Path]:
+    """Temporary files in ``folder`` written by a process of this host that is no longer running."""
+    host, stale = socket.gethostname(), []
+    for path in folder.glob(".*.tmp"):
+        owner = path.name[: -len(".tmp")].rsplit(".", 1)[-1].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not process_alive(int(owner[1])):
+            stale.append(path)
+    return stale
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
 
 
 def join(url: str, *parts: str) -> str:
@@ -43,6 +66,27 @@ def exists(url: str, storage_options: dict) -> bool:
         return local_path(url).exists()
     fs, path = filesystem(url, storage_options)
     return fs.exists(path)
+
+
+def size(url: str, storage_options: dict) -> int | None:
+    """Bytes in the file at ``url``; None when there is none."""
+    try:
+        if is_local(url):
+            return local_path(url).stat().st_size
+        fs, path = filesystem(url, storage_options)
+        return fs.size(path)
+    except FileNotFoundError:
+        return None
+
+
+def remove(url: str, storage_options: dict) -> None:
+    """Delete the file at ``url`` if there is one."""
+    if is_local(url):
+        local_path(url).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(url, storage_options)
+    if fs.exists(path):
+        fs.rm_file(path)
 
 
 def read_bytes(url: str, storage_options: dict) -> bytes:
@@ -62,11 +106,14 @@ def write_bytes(url: str, data: bytes, storage_options: dict) -> None:
         path = local_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)   # gone already unless the write failed
     else:
         fs, path = filesystem(url, storage_options)
         fs.pipe_file(path, data)
@@ -82,8 +129,11 @@ def upload(local: Path, url: str, storage_options: dict) -> None:
         dest = local_path(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(dest)
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
     else:
         fs, path = filesystem(url, storage_options)
         fs.put_file(str(local), path)
@@ -98,13 +148,15 @@ def link_or_copy(src: str, dst: str, storage_options: dict) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(dest)
         try:
-            os.link(source, tmp)
-        except OSError:  # another filesystem, or links not supported
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
-        # rename() between two links to one file is a no-op that leaves the source name
-        # behind (POSIX); that happens when a concurrent run linked the same file first
-        tmp.unlink(missing_ok=True)
+            try:
+                os.link(source, tmp)
+            except OSError:  # another filesystem, or links not supported
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, dest)
+        finally:
+            # also: rename() between two links to one file is a no-op that leaves the source name
+            # behind (POSIX); that happens when a concurrent run linked the same file first
+            tmp.unlink(missing_ok=True)
     else:
         fs, src_path = filesystem(src, storage_options)
         _, dst_path = filesystem(dst, storage_options)

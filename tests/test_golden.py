@@ -22,9 +22,9 @@ import pytest
 import torch
 
 # the 48-sample demo (seed 1) preprocessed by tests/helpers.preprocess_config with samples_per_shard=5
-GOLDEN_SHARDS = "166cdce512a21f041a5119e0db7d06c00e2b2a23cdc88b057a7fa97bad366ae0"
+GOLDEN_SHARDS = "8691350342a66946e34294d1a440c6bc989aa1b7b63a1461bc149c54632da288"
 # the same demo with WebP images, kept waveforms and shards split at 60 kB
-GOLDEN_SHARDS_VARIANT = "a45e55be52db3ade59ad32559cdc65bfc6b9db9bd6db8584a5fba630433944c3"
+GOLDEN_SHARDS_VARIANT = "d4e147b40f92d8fbb53a628fe8de63e1695648082e5457bc4e29dc569ac197e2"
 # one shuffled, augmented epoch of the loader over the first dataset
 GOLDEN_LOADER = "207d580d512f811e68a13eb06a079f45cffcd214d12817afea88a6dc253d4b0b"
 # the first losses of a short training run on it (compared with a tolerance: float reductions may differ)

@@ -90,7 +90,10 @@ def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
 
 
 def fill_members(members: pa.ChunkedArray, offsets: dict, sizes: dict) -> None:
-    """Scatter the list<struct<ext, offset, size>> column into per-ext arrays (vectorised)."""
+    """Scatter the list<struct<ext, offset, size>> column into per-ext arrays (vectorised).
+
+    Format v2 adds a ``crc32`` field to the struct; fields are taken by name, so v1 and v2 indexes read the
+    same way. The loader does not check checksums (``mmdata verify`` does): a batch never pays for them."""
     flat = pa.concat_arrays([chunk.flatten() for chunk in members.chunks]) if members.num_chunks else None
     lengths = np.concatenate([chunk.value_lengths().to_numpy(zero_copy_only=False) for chunk in members.chunks])
     sample = np.repeat(np.arange(len(lengths)), lengths)

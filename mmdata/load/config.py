@@ -49,7 +49,8 @@ class LoaderConfig:
             require(d.weight > 0, f"datasets[{i}].weight", f"must be positive; got {d.weight}")
         require(len(self.modalities) > 0 and set(self.modalities) <= set(MODALITIES), "modalities",
                 f"must be a non-empty subset of {list(MODALITIES)}; got {self.modalities}")
-        require(self.batch_size > 0, "batch_size", f"must be positive; got {self.batch_size}")
+        # upper limits: workers allocate whole batches (and a few messages of them) up front
+        require(0 < self.batch_size <= 65536, "batch_size", f"must be between 1 and 65536; got {self.batch_size}")
         require(self.shuffle_window > 0, "shuffle_window", f"must be positive; got {self.shuffle_window}")
         require(self.samples_per_epoch >= 0, "samples_per_epoch", "must be >= 0")
         require_choice(self.remainder, "remainder", ("drop", "pad"))
@@ -59,9 +60,10 @@ class LoaderConfig:
                 f"must be > 0 when split is {self.split!r}")
         require_choice(self.bucket_by, "bucket_by", (None, "tokens", "audio_frames"))
         require(self.bucket_batches > 0, "bucket_batches", "must be positive")
-        require(self.pad_tokens_to is None or self.pad_tokens_to > 0, "pad_tokens_to", "must be positive")
-        require(self.num_workers >= 0, "num_workers", "must be >= 0")
-        require(self.prefetch_factor > 0, "prefetch_factor", "must be positive")
+        require(self.pad_tokens_to is None or 0 < self.pad_tokens_to <= 1_000_000, "pad_tokens_to",
+                f"must be between 1 and 1000000; got {self.pad_tokens_to}")
+        require(0 <= self.num_workers <= 256, "num_workers", f"must be between 0 and 256; got {self.num_workers}")
+        require(0 < self.prefetch_factor <= 64, "prefetch_factor", f"must be between 1 and 64; got {self.prefetch_factor}")
         require(self.message_samples >= 0, "message_samples", "must be >= 0 (0: one batch per message)")
         require(self.message_bytes >= 0, "message_bytes", "must be >= 0 (0: one batch per message)")
         require_choice(self.worker_transport, "worker_transport", ("shared", "pickle"))

@@ -47,6 +47,11 @@ _MAX_KERNEL_TAPS = 1 << 24
 # Samples (frames x channels) decoded at a time, so a header claiming many
 # channels cannot make one read allocate gigabytes before the down-mix.
 _BLOCK_SAMPLES = 1 << 20
+# Output samples per clip (max_seconds x sample_rate): 64 MB of float32, 17 minutes at 16 kHz.
+MAX_CLIP_SAMPLES = 1 << 24
+# Input frames decoded per clip: a header claiming a far higher rate than the output's cannot make the
+# decoder fill gigabytes (the kept span plus the resampler's margin fits in this for any sane setting).
+_MAX_INPUT_FRAMES = 1 << 26
 
 
 @dataclass
@@ -63,6 +68,7 @@ class AudioConfig:
     f_max: float | None = None     # None -> sample_rate / 2
     log_offset: float = 1e-6       # log(mel + log_offset)
     keep_waveform: bool = False    # also return the resampled mono waveform as FLAC (16-bit PCM)
+    max_bytes: int = 256 << 20     # input files larger than this are not read: file_too_large
     on_error: str = "drop_modality"   # drop_modality | reject_sample (applied by the caller)
 
     def validate(self) -> None:
@@ -70,6 +76,10 @@ class AudioConfig:
                 f"must be between 1000 and 384000 Hz; got {self.sample_rate}")
         require(0 < self.max_seconds < math.inf, "max_seconds",
                 f"must be a positive number of seconds; got {self.max_seconds}")
+        require(self.max_seconds * self.sample_rate <= MAX_CLIP_SAMPLES, "max_seconds",
+                f"x sample_rate is {self.max_seconds * self.sample_rate:.0f} samples per clip, over {MAX_CLIP_SAMPLES} "
+                f"(every clip is held in memory, padded ones at full length); lower it")
+        require(0 < self.max_bytes <= 1 << 30, "max_bytes", f"must be between 1 and {1 << 30} bytes; got {self.max_bytes}")
         require(0 <= self.min_seconds < self.max_seconds, "min_seconds",
                 f"must be >= 0 and under max_seconds={self.max_seconds}; got {self.min_seconds}")
         require(self.n_fft > 0, "n_fft", f"must be positive; got {self.n_fft}")
@@ -122,6 +132,9 @@ def _decode(data: bytes, config: AudioConfig) -> tuple[np.ndarray, int, int, flo
             rate, channels, total = f.samplerate, f.channels, f.frames
             _check_rate(rate, config.sample_rate)
             limit = _frames_needed(rate, config)
+            if limit > _MAX_INPUT_FRAMES:
+                raise SampleError("audio_too_large", f"audio at {rate} Hz would need {limit} input frames for "
+                                                     f"audio.max_seconds={config.max_seconds}, over {_MAX_INPUT_FRAMES}")
             mono = _read_mono(f, limit)
     except _DECODE_ERRORS as e:
         raise SampleError("corrupt_audio", f"cannot decode audio ({len(data)} bytes): {e}") from None

@@ -27,7 +27,9 @@ class OutputConfig:
     storage_options: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        require(bool(self.name) and "/" not in self.name, "name", f"must be a plain name; got {self.name!r}")
+        require(bool(self.root.strip()), "root", "must name a folder or URL for the datasets; got an empty value")
+        require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+                f"must be a plain name; got {self.name!r}")
         require(self.samples_per_shard > 0, "samples_per_shard", f"must be positive; got {self.samples_per_shard}")
         require(self.max_shard_bytes == 0 or self.max_shard_bytes >= 10240, "max_shard_bytes",
                 f"must be 0 (no limit) or at least 10240; got {self.max_shard_bytes}")

@@ -12,6 +12,8 @@ grow with the input. Results come back as small typed summaries.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import replace
 from typing import Iterable, Iterator, Protocol
 
@@ -60,14 +62,28 @@ class RayExecutor:
         job_ref = ray.put(job)  # shipped to each node once, not with every task
         task = ray.remote(run_partition_on_node).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
         pending = []
-        for k, records, duplicates in partitions:
-            pending.append(task.remote(job_ref, k, records, duplicates))
-            while len(pending) >= limit:
+        try:
+            for k, records, duplicates in partitions:
+                pending.append(task.remote(job_ref, k, records, duplicates))
+                while len(pending) >= limit:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    yield task_result(ray, ready[0])
+            while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
-                yield ray.get(ready[0])
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(ready[0])
+                yield task_result(ray, ready[0])
+        finally:   # an error or an interrupt: the partitions still queued or running are not wanted
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+
+def task_result(ray, ref) -> PartitionSummary:
+    """A task's summary; a task's own exception (a full disk, a bad path) as itself, not wrapped by Ray."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, Exception):
+            raise e.cause from None
+        raise
 
 
 def make_executor(config: RayConfig) -> Executor:
@@ -112,9 +128,14 @@ def init_ray(ray_config: RayConfig):
         return ray
     address = ray_address(ray_config)
     env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
+    # Ray installs its own SIGTERM handler in the driver; the caller's (mmdata's: stop like Ctrl-C) stays
+    main = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level="WARNING")
     else:
         ray.init(num_cpus=ray_config.num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, logging_level="WARNING")
+    if main and on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
     return ray

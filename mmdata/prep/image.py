@@ -17,21 +17,28 @@ taken as sRGB, as most training pipelines do.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmdata.config import require, require_choice
 from mmdata.schema import IMAGE_EXTS, SampleError
 
 RESIZE_MODES = ("shorter_side_crop", "letterbox", "max_side")
+# Limits on settings whose memory cost per image has no bound otherwise: a decoded input of MAX_PIXELS is
+# about 1 GB as RGBA, an output side of MAX_SIZE about 200 MB as RGB.
+MAX_SIZE = 8192
+MAX_PIXELS = 256_000_000
+MAX_INPUT_BYTES = 1 << 30
 # Raster formats only: Pillow's EPS/PS plugins hand the file to Ghostscript, and
-# decoding input must never run an interpreter on it.
-INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "PPM", "ICO")
+# decoding input must never run an interpreter on it. (Multi-picture JPEGs, MPO,
+# open through the JPEG plugin.)
+INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO")
 
 # What Pillow's decoders raise on truncated or malformed input. Fuzzing
 # Pillow shows more than OSError/SyntaxError/ValueError (EOFError from short
@@ -68,17 +75,22 @@ class ImageConfig:
     background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent pixels
     pad_color: list[int] = field(default_factory=lambda: [0, 0, 0])        # RGB of letterbox padding
     max_pixels: int = 64_000_000        # guard on the original width*height, read from the header
+    max_bytes: int = 64 << 20           # input files larger than this are not read: file_too_large
     min_side: int = 1                   # images whose smaller side is below this are too small
     on_error: str = "drop_modality"     # drop_modality | reject_sample (applied by the caller)
 
     def validate(self) -> None:
-        require(self.size > 0, "size", f"must be a positive number of pixels; got {self.size}")
+        require(0 < self.size <= MAX_SIZE, "size", f"must be between 1 and {MAX_SIZE} pixels (every output image "
+                f"is held in memory at full size); got {self.size}")
+        require(0 < self.max_bytes <= MAX_INPUT_BYTES, "max_bytes",
+                f"must be between 1 and {MAX_INPUT_BYTES} bytes; got {self.max_bytes}")
         require_choice(self.resize, "resize", RESIZE_MODES)
         require_choice(self.format, "format", IMAGE_EXTS)
         require(1 <= self.quality <= 100, "quality", f"must be between 1 and 100; got {self.quality}")
         _require_rgb(self.background, "background")
         _require_rgb(self.pad_color, "pad_color")
-        require(self.max_pixels > 0, "max_pixels", f"must be positive; got {self.max_pixels}")
+        require(0 < self.max_pixels <= MAX_PIXELS, "max_pixels",
+                f"must be between 1 and {MAX_PIXELS} (decoded pixels are held in memory); got {self.max_pixels}")
         require(self.min_side >= 1, "min_side", f"must be at least 1; got {self.min_side}")
         require_choice(self.on_error, "on_error", ("drop_modality", "reject_sample"))
 
@@ -114,18 +126,28 @@ def _decode(data: bytes, config: ImageConfig) -> tuple[Image.Image, str, str | N
         # and is reported as image_too_large. No Pillow global is changed.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as img:
+            with Image.open(io.BytesIO(data), formats=input_formats()) as img:
                 mode, fmt = img.mode, img.format
                 _check_size(img.width, img.height, config)   # before load(): nothing decoded yet
                 img.load()   # truncated data raises here: ImageFile.LOAD_TRUNCATED_IMAGES stays off
                 ImageOps.exif_transpose(img, in_place=True)
                 return img, mode, fmt
+    except UnidentifiedImageError:
+        raise SampleError("corrupt_image", f"not an image in a supported format ({', '.join(input_formats())}), "
+                          "or damaged beyond recognition") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SampleError("image_too_large", f"image fails Pillow's decompression-bomb check ({e}); "
                           f"expected at most image.max_pixels={config.max_pixels} pixels") from None
     except _DECODE_ERRORS as e:
         raise SampleError("corrupt_image", f"image could not be decoded ({type(e).__name__}: {e}); "
                           "expected a complete file in a format Pillow reads") from None
+
+
+@functools.lru_cache(maxsize=1)
+def input_formats() -> tuple[str, ...]:
+    """INPUT_FORMATS that this Pillow can open (an unknown name makes Image.open raise KeyError)."""
+    Image.init()
+    return tuple(f for f in INPUT_FORMATS if f in Image.OPEN)
 
 
 def _check_size(width: int, height: int, config: ImageConfig) -> None:

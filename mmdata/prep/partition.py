@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import re
 import tempfile
 import time
 from collections import Counter
@@ -27,11 +29,14 @@ from mmdata.dataset import ShardInfo, Totals, sorted_counts
 from mmdata.prep.audio import encode_audio
 from mmdata.prep.config import PreprocessConfig
 from mmdata.prep.image import encode_image
+from mmdata.prep.inputs import ReadSettings, read_input, too_large, with_timeouts
 from mmdata.prep.sources import Record
 from mmdata.prep.text import encode_text, load_tokenizer
-from mmdata.schema import ERRORS_JSONL, JSON, LABEL, MODALITIES, SampleError, make_key
+from mmdata.schema import ERRORS_JSONL, JSON, LABEL, MODALITIES, SampleError, index_name, make_key
 
 SUMMARY = "summary.json"
+# reasons raised while reading a row's file rather than processing it (the error entry's stage)
+READ_REASONS = ("missing_file", "unreadable_file", "not_regular_file", "file_too_large", "timeout", "unsupported_url")
 
 # (raw input, the modality's config) -> (members, info); text's encoder gets the tokenizer bound
 Encoder = Callable[[Any, Any], tuple[dict[str, bytes], dict]]
@@ -93,18 +98,20 @@ def file_identity(ref: str | bytes | None, job: Job) -> Any:
         return None
     if isinstance(ref, bytes):
         return hashlib.sha256(ref).hexdigest()
-    options = job.config.input.storage_options
     try:
         if job.config.input.file_identity == "content":
-            return [ref, hashlib.sha256(storage.read_bytes(ref, options)).hexdigest()]
+            cap = max(job.config.image.max_bytes, job.config.audio.max_bytes)
+            return [ref, hashlib.sha256(read_input(ref, cap, read_settings(job.config))).hexdigest()]
         if storage.is_local(ref):
             st = storage.local_path(ref).stat()
             return [ref, st.st_size, st.st_mtime_ns]
-        fs, path = storage.filesystem(ref, options)
+        fs, path = storage.filesystem(ref, with_timeouts(ref, read_settings(job.config)))
         info = fs.info(path)
         return [ref, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))]
-    except (OSError, ValueError):
+    except (OSError, ValueError, ImportError):
         return [ref, "unreadable"]
+    except SampleError as e:   # reported when the row is built; the identity only has to be stable
+        return [ref, e.reason]
 
 
 def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int]) -> PartitionSummary:
@@ -114,8 +121,9 @@ def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int])
     fingerprint = partition_fingerprint(job, k, records)
     result = storage.join(job.store, fingerprint)
     options = job.config.output.storage_options
-    if storage.exists(storage.join(result, SUMMARY), options):
-        return replace(PartitionSummary.from_json(storage.read_json(storage.join(result, SUMMARY), options)), reused=True)
+    stored = stored_summary(result, options)
+    if stored is not None:
+        return replace(stored, reused=True)
     start = time.perf_counter()
     if storage.is_local(result):
         summary = build_partition(job, k, fingerprint, records, duplicates, storage.local_path(result))
@@ -130,30 +138,63 @@ def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int])
     return summary
 
 
+def stored_summary(result: str, options: dict) -> PartitionSummary | None:
+    """The finished partition at ``result``, if every file it lists is there with its recorded size
+    (a file deleted or cut short from the store means: build it again)."""
+    url = storage.join(result, SUMMARY)
+    if not storage.exists(url, options):
+        return None
+    summary = PartitionSummary.from_json(storage.read_json(url, options))
+    return summary if files_intact(result, summary.shards, options) else None
+
+
+def files_intact(folder: str, shards, options: dict) -> bool:
+    """Every shard in ``folder`` has its recorded size, and its index file exists."""
+    return all(storage.size(storage.join(folder, s.name), options) == s.bytes
+               and storage.exists(storage.join(folder, index_name(s.name)), options) for s in shards)
+
+
 def build_partition(job: Job, k: int, fingerprint: str, records: list[Record], duplicates: set[int],
                     out: Path) -> PartitionSummary:
     from mmdata.shards import ShardWriter
     config = job.config
     encoders = modality_encoders(load_tokenizer(job.tokenizer))
     writer = ShardWriter(out, k, config.output.max_shard_bytes)
-    errors, present, rejected = [], Counter(), 0
-    for record in records:
-        sample, sample_errors = build_sample(record, job, encoders, record.row in duplicates)
-        errors += sample_errors
-        if sample is None:
-            rejected += 1
-            continue
-        members, index = sample
-        writer.write(make_key(record.id), members, index)
-        present.update(m for m in MODALITIES if index[f"has_{m}"])
-        present.update(["label"] if index["label"] is not None else [])
-    shards = tuple(ShardInfo(s["name"], s["samples"], s["bytes"], k, fingerprint) for s in writer.close())
+    try:
+        shards, errors, present, rejected = write_samples(job, writer, encoders, records, duplicates)
+    except BaseException:   # an error, a full disk, Ctrl-C: leave no temp file behind
+        writer.abort()
+        raise
+    shards = tuple(ShardInfo(s["name"], s["samples"], s["bytes"], k, fingerprint) for s in shards)
     lines = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in errors)
     storage.write_bytes(str(out / ERRORS_JSONL), lines.encode(), {})
     totals = Totals(samples_in=len(records), written=len(records) - rejected, rejected=rejected,
                     bytes=sum(s.bytes for s in shards), shards=len(shards), modalities=sorted_counts(present),
                     errors_by_reason=sorted_counts(Counter(e["reason"] for e in errors)))
     return PartitionSummary(k, fingerprint, shards, totals)
+
+
+def write_samples(job: Job, writer, encoders: dict[str, Encoder], records: list[Record], duplicates: set[int]):
+    """Build and write every sample; returns (the writer's shard list, error entries, modality counts,
+    rejected count)."""
+    errors, present, rejected, keys = [], Counter(), 0, {}
+    for record in records:
+        sample, sample_errors = build_sample(record, job, encoders, record.row in duplicates)
+        key = make_key(record.id)
+        if sample is not None and key in keys:   # two ids, one key: a shard must not hold it twice
+            sample, sample_errors = None, sample_errors + [error_entry(
+                record, "sample", "scan", "duplicate_key", f"id {record.id!r} has the tar key {key!r} of the "
+                f"earlier id {keys[key]!r}; the first wins (rename one of them)", "rejected")]
+        errors += sample_errors
+        if sample is None:
+            rejected += 1
+            continue
+        keys[key] = record.id
+        members, index = sample
+        writer.write(key, members, index)
+        present.update(m for m in MODALITIES if index[f"has_{m}"])
+        present.update(["label"] if index["label"] is not None else [])
+    return writer.close(), errors, present, rejected
 
 
 def modality_encoders(tokenizer) -> dict[str, Encoder]:
@@ -190,7 +231,7 @@ def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplica
             members.update(out)
         except SampleError as e:
             action = "rejected" if config.on_error == "reject_sample" else "dropped_modality"
-            stage = "read" if e.reason in ("missing_file", "unreadable_file") else "process"
+            stage = "read" if e.reason in READ_REASONS else "process"
             errors.append(error_entry(record, modality, stage, e.reason, f"{modality}: {e}", action))
             rejected |= config.on_error == "reject_sample"
     if rejected:
@@ -206,41 +247,59 @@ def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplica
 
 
 def raw_input(modality: str, raw, job: Job):
-    """What the encoder gets: the text as given; the bytes of an image or audio file (read here)."""
-    if modality == "text" or isinstance(raw, bytes):
+    """What the encoder gets: the text as given; the bytes of an image or audio file, read here with the
+    modality's byte cap (inline bytes from input tars, which the tar reader caps at 1 GiB, meet it here)."""
+    if modality == "text":
         return raw
-    return read_input_file(raw, job.config.input.storage_options)
+    cap = getattr(job.config, modality).max_bytes
+    if isinstance(raw, bytes):
+        if len(raw) > cap:
+            raise too_large(f"the {modality} member", f"{len(raw)} bytes", cap)
+        return raw
+    return read_input(raw, cap, read_settings(job.config))
 
 
-def read_input_file(url: str, storage_options: dict) -> bytes:
-    try:
-        return storage.read_bytes(url, storage_options)
-    except FileNotFoundError:
-        raise SampleError("missing_file", f"file {url} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise SampleError("unreadable_file", f"cannot read {url}: {e}") from None
+def read_settings(config: PreprocessConfig) -> ReadSettings:
+    i = config.input
+    return ReadSettings(i.storage_options, i.timeout_s, i.retries)
 
 
-def is_int_like(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    if isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+# Labels are class ids 0..MAX_LABEL (any integer-valued number or numeric string: 1, 1.0 and "1" are one
+# class), or names (other strings), which are given ids in sorted order. Anything else is invalid_label.
+MAX_LABEL = 2**31 - 1
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def label_key(value: Any) -> int | str:
+    """A label as a class id (int) or a name (str); SampleError("invalid_label") for anything else."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not _INTEGER.fullmatch(text):
+            if not text:
+                raise SampleError("invalid_label", "label is an empty string; leave it out for no label")
+            return text
+        number = int(text)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        number = int(value)
+    else:
+        raise SampleError("invalid_label", f"label must be a class id (an integer >= 0) or a class name "
+                                           f"(a string); got {str(value)[:80]!r}")
+    if not 0 <= number <= MAX_LABEL:
+        raise SampleError("invalid_label", f"label {str(number)[:40]} is not a class id: class ids run from 0 to "
+                                           f"{MAX_LABEL}")
+    return number
 
 
 def map_label(value: Any, labels: dict[str, int] | None) -> int | None:
+    """The class id of a row's label: itself, or its name's id when the input's labels are names."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SampleError("invalid_label", f"label must be an integer or a string; got {value!r}")
+    key = label_key(value)
     if labels is not None:
-        return labels[str(value).strip()]
-    if not is_int_like(value):
-        raise SampleError("invalid_label", f"label must be an integer or a string; got {value!r}")
-    return int(float(value)) if isinstance(value, float) else int(value)
+        return labels[str(key)]
+    return key   # without names every valid label is a number (the scan saw them all)
 
 
 def sample_json(record: Record, label: int | None, info: dict) -> bytes:

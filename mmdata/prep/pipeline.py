@@ -26,13 +26,15 @@ from mmdata.config import ConfigError, to_dict
 from mmdata.dataset import TokenizerInfo, Totals, dataset_dir, description_json
 from mmdata.prep.config import OutputConfig, PreprocessConfig
 from mmdata.prep.executor import make_executor, run_with_progress
-from mmdata.prep.partition import Job, PartitionSummary, is_int_like
+from mmdata.prep.inputs import ReadSettings, read_input
+from mmdata.prep.partition import Job, PartitionSummary, files_intact, label_key
 from mmdata.prep.sources import Record, check_readable, iter_records
 from mmdata.prep.text import check_text, load_tokenizer, train_tokenizer
 from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, PROCESSING_VERSION, TOKENIZER_FILE,
-                           id_hash, index_name)
+                           SampleError, id_hash, index_name, without_addresses)
 
 STORE = ".store"
+MAX_TOKENIZER_BYTES = 256 << 20   # SentencePiece models are a few MB; anything this big is not one
 
 
 @dataclass
@@ -72,9 +74,10 @@ def scan_input(config: PreprocessConfig) -> Scan:
             scan.duplicates.add(record.row)
             continue
         seen.add(digest)
-        if isinstance(record.label, (int, float, str)) and not isinstance(record.label, bool):
-            scan.labels.add(str(record.label).strip())
-            scan.named_labels |= not is_int_like(record.label)
+        key = scan_label(record.label)
+        if key is not None:
+            scan.labels.add(str(key))
+            scan.named_labels |= isinstance(key, str)
         if want_texts and record.text is not None and len(scan.texts) < config.text.train_samples:
             try:
                 scan.texts.append(check_text(record.text))
@@ -83,18 +86,27 @@ def scan_input(config: PreprocessConfig) -> Scan:
     return scan
 
 
+def scan_label(label) -> int | str | None:
+    try:
+        return None if label is None else label_key(label)
+    except SampleError:   # reported by the partition that owns the row
+        return None
+
+
 def label_mapping(scan: Scan) -> dict[str, int] | None:
-    """String labels get ints in sorted order; integer-looking labels are then names too."""
+    """Names get ids in sorted order; when some label is a name, numeric labels are names too ("1")."""
     return {name: i for i, name in enumerate(sorted(scan.labels))} if scan.named_labels else None
 
 
 def get_tokenizer(config: PreprocessConfig, scan: Scan) -> bytes:
     if config.text.tokenizer:
+        settings = ReadSettings(config.input.storage_options, config.input.timeout_s, config.input.retries)
         try:
-            model = storage.read_bytes(config.text.tokenizer, config.input.storage_options)
+            model = read_input(config.text.tokenizer, MAX_TOKENIZER_BYTES, settings)
             load_tokenizer(model)
         except Exception as e:
-            raise ConfigError("text.tokenizer", f"cannot load SentencePiece model {config.text.tokenizer}: {e}") from None
+            raise ConfigError("text.tokenizer", f"cannot load SentencePiece model {config.text.tokenizer}: "
+                                                f"{without_addresses(str(e))}") from None
         return model
     texts = sorted(set(scan.texts)) or ["empty"]  # sorted: independent of row order within the sample
     return train_tokenizer(texts, config.text)
@@ -125,6 +137,7 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     """Run the whole job; see the module docstring. Raises ConfigError before any work."""
     start = time.perf_counter()
     phases = {}
+    remove_stale_temp_files(config.output.root)
     check_readable(config.input)
     scan = scan_input(config)
     phases["scan"] = time.perf_counter() - start
@@ -144,7 +157,12 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     dataset = dataset_dir(config.output.root, config.output.name, fingerprint)
     totals = sum((s.totals for s in summaries), start=Totals())
     options = config.output.storage_options
-    reused = storage.exists(storage.join(dataset, DATASET_JSON), options)
+    # complete means dataset.json and every shard and index it lists, at their recorded sizes
+    described = storage.exists(storage.join(dataset, DATASET_JSON), options)
+    reused = described and files_intact(dataset, [shard for s in summaries for shard in s.shards], options)
+    if described and not reused:   # damaged since it was built: not complete until repaired
+        log(f"repairing {dataset}: a shard or index it lists is missing or has another size")
+        storage.remove(storage.join(dataset, DATASET_JSON), options)
     if not reused:
         assemble(job, dataset, fingerprint, summaries, totals, scan)
     point_latest(config.output, dataset)
@@ -194,6 +212,18 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             versions[name] = "missing"
     return versions
+
+
+def remove_stale_temp_files(root: str) -> None:
+    """Temp files that killed runs left in the store and the dataset directories (SIGKILL, a power cut:
+    nothing could clean up then). Those of live processes, other runs included, stay."""
+    if not storage.is_local(root):
+        return   # object stores get whole-object uploads: no temp files
+    base = storage.local_path(root)
+    for folder in (base, *base.glob("*/"), *base.glob("*/index/"), *base.glob(f"{STORE}/*/"),
+                   *base.glob(f"{STORE}/*/index/")):
+        for path in storage.stale_temp_files(folder):
+            path.unlink(missing_ok=True)
 
 
 def point_latest(output: OutputConfig, dataset: str) -> None:

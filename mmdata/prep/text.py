@@ -33,14 +33,17 @@ class TextConfig:
     on_error: str = "drop_modality"  # drop_modality | reject_sample
 
     def validate(self) -> None:
-        require(self.vocab_size >= 8, "vocab_size", f"must be at least 8; got {self.vocab_size}")
+        # upper limits: the driver holds the training sample, and every model and batch holds vocabularies
+        # and token rows of these sizes
+        require(8 <= self.vocab_size <= 1_000_000, "vocab_size", f"must be between 8 and 1000000; got {self.vocab_size}")
         require_choice(self.model_type, "model_type", ("unigram", "bpe", "char", "word"))
         require(0.9 <= self.character_coverage <= 1.0, "character_coverage",
                 f"must be between 0.9 and 1.0; got {self.character_coverage}")
-        require(self.train_samples > 0, "train_samples", f"must be positive; got {self.train_samples}")
-        require(self.max_tokens >= 1 + self.add_bos + self.add_eos, "max_tokens",
-                f"must leave room for at least one token after BOS/EOS; got {self.max_tokens}")
-        require(self.max_chars > 0, "max_chars", f"must be positive; got {self.max_chars}")
+        require(0 < self.train_samples <= 10_000_000, "train_samples",
+                f"must be between 1 and 10000000; got {self.train_samples}")
+        require(1 + self.add_bos + self.add_eos <= self.max_tokens <= 1_000_000, "max_tokens",
+                f"must leave room for a token after BOS/EOS and be at most 1000000; got {self.max_tokens}")
+        require(0 < self.max_chars <= 10_000_000, "max_chars", f"must be between 1 and 10000000; got {self.max_chars}")
         require_choice(self.on_error, "on_error", ("drop_modality", "reject_sample"))
 
 

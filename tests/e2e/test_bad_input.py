@@ -126,7 +126,11 @@ def test_error_rate_over_the_limit_fails_the_run_and_says_so(bad_manifest, tmp_p
 
 
 @pytest.mark.parametrize("override, words", [
-    ("image.size=-1", "image.size: must be a positive"),
+    ("image.size=-1", "image.size: must be between 1 and 8192"),
+    ("image.size=30000", "image.size: must be between 1 and 8192"),
+    ("audio.max_seconds=100000", "audio.max_seconds: x sample_rate is 1600000000 samples per clip"),
+    ("output.root=", "output.root: must name a folder"),
+    ("input.timeout_s=0", "input.timeout_s: must be in (0, 3600]"),
     ("image.colour=red", "image.colour: unknown key"),
     ("input.manifest=/no/such/manifest.jsonl", "/no/such/manifest.jsonl does not exist"),
     ("text.tokenizer=/no/such.model", "text.tokenizer: cannot load SentencePiece model"),

@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import tarfile
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -98,6 +99,7 @@ def test_index_points_at_every_member(demo_result):
             assert row["shard"] == f"shard-{k:06d}.tar"
             for m in row["members"]:
                 assert data[m["offset"]: m["offset"] + m["size"]] == payloads[f"{row['key']}.{m['ext']}"]
+                assert m["crc32"] == zlib.crc32(payloads[f"{row['key']}.{m['ext']}"])
             assert row["has_image"] == (row["image_width"] is not None)
             assert row["has_audio"] == (row["audio_frames"] is not None)
         total += len(rows)

@@ -36,7 +36,7 @@ def test_overrides_win_over_yaml_and_are_parsed_as_yaml(tmp_path):
 @pytest.mark.parametrize("override, key, words", [
     ("image.sise=3", "image.sise", "unknown key"),
     ("image.size=big", "image.size", "expected int"),
-    ("image.size=-3", "image.size", "positive"),
+    ("image.size=-3", "image.size", "between 1 and 8192"),
     ("image.format=gif", "image.format", "jpg"),
     ("audio.n_mels=0", "audio.n_mels", ""),
     ("output.samples_per_shard=0", "output.samples_per_shard", "positive"),

@@ -40,6 +40,11 @@ def test_the_writer_and_the_reader_agree(demo_dataset):
     (lambda doc: doc["shards"][2].pop("bytes"), "shards[2].bytes"),
     (lambda doc: doc["totals"].update(written=True), "totals.written"),
     (lambda doc: doc.update(labels=[1, 2]), "labels"),
+    (lambda doc: doc.update(labels={"cat": "0"}), "labels"),
+    (lambda doc: doc["totals"]["errors_by_reason"].update(bad_row=None), "totals.errors_by_reason"),
+    (lambda doc: doc["shards"][1].update(name="../../elsewhere/shard-000001.tar"), "shards[1].name"),
+    (lambda doc: doc["shards"][2].update(name=doc["shards"][0]["name"]), "shards[2].name"),
+    (lambda doc: doc["tokenizer"].update(file="/etc/passwd"), "tokenizer.file"),
 ])
 def test_a_damaged_field_is_named(demo_dataset, tmp_path, damage, key):
     copy = tmp_path / "copy"
@@ -58,9 +63,21 @@ def test_incomplete_unparsable_and_other_versions_are_refused(demo_dataset, tmp_
     with pytest.raises(DatasetError, match="not valid JSON"):
         load_description(str(tmp_path))
     doc = json.loads(open(f"{demo_dataset}/dataset.json").read())
-    (tmp_path / "dataset.json").write_text(json.dumps({**doc, "format_version": FORMAT_VERSION + 1}))
-    with pytest.raises(DatasetError, match=f"format version {FORMAT_VERSION + 1}"):
-        load_description(str(tmp_path))
+    for version in (FORMAT_VERSION + 1, 0, True, "2", None):
+        (tmp_path / "dataset.json").write_text(json.dumps({**doc, "format_version": version}))
+        with pytest.raises(DatasetError, match=f"dataset.json has format version {version!r}; this mmdata reads "
+                                               "versions 1, 2"):
+            load_description(str(tmp_path))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_every_readable_format_version_is_read_and_recorded(demo_dataset, tmp_path, version):
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_dataset, copy)
+    doc = json.loads((copy / "dataset.json").read_text())
+    assert doc["format_version"] == FORMAT_VERSION == 2        # what preprocessing writes
+    (copy / "dataset.json").write_text(json.dumps({**doc, "format_version": version}))
+    assert load_description(str(copy)).format_version == version
 
 
 def test_totals_add_up_and_keep_counts_sorted():
