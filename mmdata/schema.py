@@ -92,3 +92,9 @@ def without_addresses(message: str) -> str:
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one short line without object addresses: for messages that must not vary by run."""
+    text = " ".join(without_addresses(str(error)).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from mmdata import storage
 from mmdata.dataset import SHARD_NAME, WIDS_INDEX, DatasetDescription, ShardInfo, load_description
 from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FLAC, IMAGE_EXTS, INDEX_DIR, JSON, LABEL, MEL, MEMBER_ORDER,
-                           TEXT, TOKENS, index_name)
+                           TEXT, TOKENS, index_name, one_line)
 from mmdata.shards import INDEX_SCHEMA
 
 
@@ -133,11 +133,6 @@ def check_dataset(dataset: str, storage_options: dict | None = None) -> Report:
     report.notes += [note] if note else []
     report.seconds = time.perf_counter() - start
     return report
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def index_schema(format_version: int) -> pa.Schema:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from mmdata import storage
-from mmdata.schema import SampleError
+from mmdata.schema import SampleError, one_line
 
 READ_CHUNK = 1 << 20
 # Threads that run URL reads so that a read can be given up at its deadline. A read that hangs past it
@@ -98,7 +98,7 @@ def read_url(url: str, max_bytes: int, settings: ReadSettings) -> bytes:
     try:
         fs, path = storage.filesystem(url, with_timeouts(url, settings))
     except (ImportError, ValueError) as e:
-        raise SampleError("unsupported_url", f"cannot read {url}: {first_line(e)}; expected a local path or an "
+        raise SampleError("unsupported_url", f"cannot read {url}: {one_line(e)}; expected a local path or an "
                                              "http(s)://, s3:// (or other installed fsspec) URL") from None
     for attempt in range(settings.retries + 1):
         future = url_pool().submit(fetch, fs, path, url, max_bytes)
@@ -113,7 +113,7 @@ def read_url(url: str, max_bytes: int, settings: ReadSettings) -> bytes:
         except SampleError:
             raise
         except Exception as e:   # network errors of any library: transient until proven otherwise
-            failure = SampleError("unreadable_file", f"cannot read {url}: {type(e).__name__}: {first_line(e)} "
+            failure = SampleError("unreadable_file", f"cannot read {url}: {type(e).__name__}: {one_line(e)} "
                                                      f"({attempt + 1} attempts)")
         if attempt < settings.retries:
             time.sleep(0.5 * (attempt + 1))
@@ -151,7 +151,3 @@ def with_timeouts(url: str, settings: ReadSettings) -> dict:
     elif url.startswith(("s3://", "s3a://")) and "config_kwargs" not in options:
         options["config_kwargs"] = {"connect_timeout": t, "read_timeout": t, "retries": {"max_attempts": 1}}
     return options
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

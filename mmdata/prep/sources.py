@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import fsspec
 
 from mmdata.config import ConfigError, require, require_choice
+from mmdata.schema import one_line
 
 RESERVED = ("id", "text", "image", "audio", "label")
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
@@ -43,7 +44,6 @@ MAX_META_DEPTH = 64
 DEFAULT_MAX_TARS = 1_000_000
 _BOM = "\ufeff"
 _SURROGATE = re.compile("[\ud800-\udfff]")   # what undecodable bytes become under surrogateescape
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @dataclass
@@ -232,12 +232,6 @@ def check_columns(names: list[str], url: str) -> None:
         if name in seen:
             raise ConfigError("input.manifest", f"column {name[:100]!r} appears twice in {url}; rename or drop one")
         seen.add(name)
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one short line without object addresses: for messages that must not vary by run."""
-    text = " ".join(_ADDRESS.sub("", str(e)).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def printable(text: str) -> str:
