@@ -7,7 +7,7 @@
     loader = MultimodalLoader(LoaderConfig(datasets=[DatasetSource(result.dataset)]))
     for batch in loader: ...
 
-Layout: the format layer here (schema, shards, dataset, storage, config), preprocessing in
+Layout: the format layer here (schema, shards, dataset, storage, config, verify), preprocessing in
 ``mmdata.prep``, loading in ``mmdata.load``; the two never import each other.
 """
 

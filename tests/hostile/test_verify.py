@@ -91,7 +91,7 @@ def test_a_flipped_byte_inside_a_member_is_reported_by_shard_and_member(copy, ca
 def test_every_flipped_byte_of_a_shard_is_found(copy):
     """Headers, data, padding and the end-of-archive blocks: no byte of a shard goes unchecked."""
     from mmdata.dataset import load_description
-    from mmdata.verify import verify_shard
+    from mmdata.verify.shard import verify_shard
     d = load_description(str(copy))
     info = d.shards[2]
     shard = copy / info.name

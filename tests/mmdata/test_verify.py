@@ -16,8 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmdata.dataset import load_description
+from mmdata.verify.index import Rows, check_index
+from mmdata.verify.members import check_npy
 from mmdata.shards import INDEX_SCHEMA
-from mmdata.verify import Rows, check_dataset, check_index, check_npy, locate_members, octal, walk_tar
+from mmdata.verify.tar import locate_members, octal, walk_tar
+from mmdata.verify import check_dataset
 
 
 def test_the_index_holds_every_members_crc32(demo_dataset):
