@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import mmdata.prep.sources as sources
+import mmdata.prep.manifests as manifests   # the input limits, patched below
 from mmdata.cli import main
 from mmdata.dataset import load_description
 
@@ -125,7 +125,7 @@ def csv_field_over_csv_default_limit(tmp, good, mp):
 
 
 def csv_record_over_row_limit(tmp, good, mp):
-    mp.setattr(sources, "MAX_ROW_CHARS", 4000)
+    mp.setattr(manifests, "MAX_ROW_CHARS", 4000)
     body = csv_text(good[:2]) + 'huge,"' + "x" * 3000 + "\n" + "y" * 3000 + '\n,still quoted",,\n'
     body += 'line,' + "z" * 5000 + ",,\n" + csv_text(good[2:]).split("\n", 1)[1]
     (tmp / "m.csv").write_text(body)
@@ -133,7 +133,7 @@ def csv_record_over_row_limit(tmp, good, mp):
 
 
 def jsonl_line_over_row_limit(tmp, good, mp):
-    mp.setattr(sources, "MAX_ROW_CHARS", 4000)
+    mp.setattr(manifests, "MAX_ROW_CHARS", 4000)
     (tmp / "m.jsonl").write_bytes(jsonl(good[:2] + [{"id": "huge", "text": "x" * 9000}] + good[2:]))
     return [f"input.manifest={tmp / 'm.jsonl'}"], {"row_too_large": 1}, [r["id"] for r in good]
 

@@ -8,10 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import mmdata.prep.sources as sources
+import mmdata.prep.manifests as manifests   # the input limits (patched below) and the CSV states
 from mmdata.config import ConfigError
-from mmdata.prep.sources import (BadValue, InputConfig, check_id, check_readable, csv_state, expand_braces,
-                                 iter_braces, iter_records, read_lines)
+from mmdata.prep.braces import expand_braces, iter_braces
+from mmdata.prep.manifests import csv_state, read_lines
+from mmdata.prep.sources import BadValue, InputConfig, check_id, check_readable, iter_records
 
 ROWS = [
     {"id": "a", "text": "hello", "image": "img/a.jpg", "audio": None, "label": "cat", "lang": "en"},
@@ -149,7 +150,7 @@ def test_csv_empty_cells_are_absent_and_spaces_are_present(tmp_path):
 
 
 def test_lines_split_like_universal_newlines_and_come_in_bounded_pieces(monkeypatch):
-    monkeypatch.setattr(sources, "MAX_ROW_CHARS", 8)
+    monkeypatch.setattr(manifests, "MAX_ROW_CHARS", 8)
     data = "\ufeffab\r\ncd\ref\n" + "x" * 20 + "\nlast"
     pieces = list(read_lines(io.BytesIO(data.encode())))
     assert pieces[:3] == [(1, "ab\r\n", True), (2, "cd\r", True), (3, "ef\n", True)]
@@ -170,17 +171,17 @@ def test_csv_state_finds_record_ends_as_the_csv_module_does():
             ends = [consumed[-1] for _ in csv.reader(feed)]
         except csv.Error:
             continue
-        mine, state = [], sources._START
+        mine, state = [], manifests._START
         for i, line in enumerate(lines):
             state = csv_state(line.rstrip("\r\n"), state)
-            if state != sources._QUOTED or i == len(lines) - 1:
+            if state != manifests._QUOTED or i == len(lines) - 1:
                 mine.append(i)
-                state = sources._START
+                state = manifests._START
         assert mine == ends, text
 
 
 def test_csv_bad_records_are_rows_and_the_next_record_is_read_intact(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MAX_ROW_CHARS", 30)
+    monkeypatch.setattr(manifests, "MAX_ROW_CHARS", 30)
     body = ('id,text,lang\n'
             'a,ok,en\n'
             'b,"' + "long " * 10 + '\nx,not a row,en\n",en\n'        # over the limit, quoted over 3 lines
@@ -212,7 +213,7 @@ def test_undecodable_bytes_reject_the_row_but_text_is_left_to_the_encoder(tmp_pa
     records = list(iter_records(InputConfig(manifest=str(tmp_path / "m.csv"))))
     assert [r.error_reason if r.error else None for r in records] == [None, "invalid_utf8", "invalid_utf8", None]
     assert "column 'lang'" in records[2].error and "\udce9" in records[3].text
-    assert not any(sources._SURROGATE.search(r.error or "") for r in records)   # messages stay writable
+    assert not any(manifests.SURROGATE.search(r.error or "") for r in records)   # messages stay writable
 
 
 def test_odd_json_is_a_bad_row_not_a_crash(tmp_path):
@@ -330,7 +331,7 @@ def test_every_kind_of_tar_damage_is_one_corrupt_tar_entry(tmp_path, damage):
 
 
 def test_tar_members_over_the_cap_twice_or_with_unusable_keys_reject_their_sample(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MAX_TAR_MEMBER_BYTES", 100)
+    monkeypatch.setattr(manifests, "MAX_TAR_MEMBER_BYTES", 100)
     make_tar(tmp_path / "t.tar", [("big", {"jpg": b"J" * 101}), ("ok", {"txt": b"t"}), ("bad\udcff", {"txt": b"t"}),
                                   ("j", {"txt": b"t", "json": b'{"id": ""}'}), ("k", {"txt": b"t", "json": b"[1"})])
     with tarfile.open(tmp_path / "t.tar", "a") as tar:
