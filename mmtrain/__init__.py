@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "train": "mmtrain.trainer",
     "TrainingError": "mmtrain.trainer",
+    "DataError": "mmtrain.trainer",
+    "Interrupted": "mmtrain.trainer",
     "ExperimentConfig": "mmtrain.config",
     "ModelConfig": "mmtrain.model",
     "FusionModel": "mmtrain.model",

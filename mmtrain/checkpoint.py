@@ -4,7 +4,9 @@
 
 ``state.pt`` holds only tensors and plain data (model, optimizer, scheduler,
 RNG states, loader state), so it loads with ``weights_only=True``: loading a
-checkpoint never runs code from it.
+checkpoint never runs code from it. ``load_latest`` passes over newer checkpoints
+that do not load (a truncated copy, garbage), naming each, and renames them
+``bad-step-N`` when a run resumes, so that pruning never keeps them over good ones.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mmdata.config import ConfigError
 from mmdata.storage import temp_path
 
 FORMAT_VERSION = 1
@@ -61,6 +64,70 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def load(path: Path) -> tuple[dict, dict]:
     meta = json.loads((path / "meta.json").read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format {meta.get('format')}; this mmtrain reads {FORMAT_VERSION}")
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True), meta
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"checkpoint {path} has format {found}; this mmtrain reads {FORMAT_VERSION}")
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"state.pt holds a {type(state).__name__}, not a checkpoint's dict")
+    return state, meta
+
+
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "rng", "loader")   # what a resume needs
+
+
+class CheckpointError(ConfigError):
+    """No checkpoint of a run can be read (each one is named, with why); the key to change is train.run_dir."""
+
+    def __init__(self, message: str):
+        super().__init__("train.run_dir", message)
+
+
+def load_latest(run_dir: str | Path, warn=None, move_bad: bool = False,
+                required: tuple[str, ...] = ("model",)) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint that loads and has the ``required`` keys, as (path, state, meta); None when the
+    run has none. Newer ones that do not load (truncated, garbage, another format) are passed over, each
+    named in ``warn(message)``; with ``move_bad`` they are also renamed ``bad-step-N`` once a good one is
+    found, so that pruning and later saves see only good ones (nothing is deleted). Raises CheckpointError
+    when none loads (and then moves nothing: a rerun must not silently start over in that directory)."""
+    bad: list[tuple[Path, str]] = []
+    for path in reversed(all_checkpoints(checkpoint_dir(run_dir))):
+        try:
+            state, meta = load(path)
+            missing = [k for k in required if k not in state]
+            if missing:
+                raise ValueError(f"it has no {', '.join(missing)}")
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the files, this one is unusable
+            bad.append((path, one_line(e)))
+            continue
+        for old, reason in bad:
+            moved = set_aside(old) if move_bad else None
+            if warn is not None:
+                warn(f"checkpoint {old} cannot be read ({reason})" + (f"; moved to {moved.name}" if moved else "")
+                     + f"; using {path.name} (step {meta.get('step')}) instead")
+        return path, state, meta
+    if bad:
+        names = ", ".join(p.name for p, _ in bad)
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} can be read ({names}; the newest: "
+                              f"{bad[0][1][:120]}); to start over, use another train.run_dir")
+    return None
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename an unreadable checkpoint out of the way (``bad-step-N``, ``bad-step-N.2``...); None if it cannot be."""
+    target = path.with_name(f"bad-{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"bad-{path.name}.{n}")
+    try:
+        os.replace(path, target)
+    except OSError:
+        return None
+    return target
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -13,7 +13,13 @@ Train the text-image-audio fusion model on preprocessed shards.
   mmtrain train pipelines/train.yaml --nproc 2               the same under torchrun, 2 ranks (DDP)
   torchrun --nproc_per_node 4 -m mmtrain train cfg.yaml      what --nproc runs; multi-node: torchrun's rendezvous
   mmtrain eval runs/demo                                     re-evaluate the latest checkpoint of a run
+
+Exit codes: 0 done; 1 training stopped (a non-finite loss, a file that cannot be written); 2 a bad config,
+dataset or run directory, before training; 3 a sample or shard that cannot be read (the message names it);
+130 interrupted (Ctrl-C; rerun the same command to resume). Every error is one line on stderr.
 """
+
+EXIT_STOPPED, EXIT_CONFIG, EXIT_DATA, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,33 +39,104 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from mmdata.config import ConfigError
     from mmdata.dataset import DatasetError
-    from mmtrain.trainer import TrainingError
+    from mmtrain.trainer import DataError, TrainingError
     try:
         return args.run(args)
     except (ConfigError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e, EXIT_CONFIG)
+    except DataError as e:
+        return fail(e, EXIT_DATA)
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(e, EXIT_STOPPED)
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        return fail(f"rank {os.environ.get('RANK', '?')}: another rank went away ({str(e).splitlines()[0][:160]}); "
+                    f"its own error says why", EXIT_STOPPED)
+    except KeyboardInterrupt as e:
+        if os.environ.get("RANK", "0") == "0":      # under torchrun every rank stops at once: say it once
+            print(interrupted(e, args.run is run_train), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except OSError as e:      # the disk filled up, a file could not be written: the environment, not mm
+        where = f" ({e.filename})" if e.filename else ""
+        return fail(f"{e.strerror or e}{where}; fix that and rerun the same command (a run resumes from its "
+                    f"last checkpoint)", EXIT_STOPPED)
+
+
+def fail(e: BaseException | str, code: int) -> int:
+    """``error: ...`` on one line (a message from deeper down may hold line breaks, e.g. a YAML error's)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return code
+
+
+def interrupted(e: KeyboardInterrupt, training: bool) -> str:
+    from mmtrain.trainer import Interrupted
+    if not training:
+        return "interrupted; nothing was changed"
+    if not isinstance(e, Interrupted) or e.step is None:
+        return "interrupted before training started; rerun the same command"
+    if e.saved is not None:
+        kept = f"checkpoint saved at step {e.step}"
+    elif e.latest is not None:
+        kept = f"it resumes from {e.latest.name}, the last checkpoint"
+    else:
+        kept = "no checkpoint was written yet, so it starts over"
+    return f"interrupted at step {e.step}; resume with the same command ({kept})"
 
 
 def run_train(args) -> int:
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "mmtrain", "train", args.config, *args.overrides]
-        os.execv(sys.executable, command)
+    from mmdata.config import ConfigError
+    if args.nproc < 1:
+        raise ConfigError("--nproc", f"must be at least 1 (processes on this machine); got {args.nproc}")
     from mmdata.config import load_config
     from mmtrain.config import ExperimentConfig
+    config = load_config(ExperimentConfig, args.config, args.overrides)   # a bad config fails once, not per rank
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch(args)
     from mmtrain.distributed import cleanup, setup
     from mmtrain.trainer import train
-    config = load_config(ExperimentConfig, args.config, args.overrides)
     d = setup(config.train.device, group=config.train.fsdp)
     try:
         train(config, d)
-    finally:
-        cleanup()
+    except BaseException:
+        cleanup(failed=True)    # other ranks may be inside a collective: no barrier
+        raise
+    cleanup()
     return 0
+
+
+def launch(args) -> int:
+    """--nproc N: torchrun's launcher (what `torchrun --standalone --nproc_per_node N -m mmtrain train ...`
+    runs), in this process, so that a failed run ends with the failing rank's own error line and exit code
+    rather than torchrun's report of its child."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "mmtrain", "train", args.config,
+                        *args.overrides]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode > 0:
+            return failure.exitcode            # the rank printed its error (one line) before exiting
+        import signal
+        name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "?"
+        return fail(f"rank {rank} was killed by {name}; if it ran out of memory, lower data.loader.batch_size or "
+                    f"data.loader.num_workers", EXIT_STOPPED)
+    except SignalException as e:               # Ctrl-C or a scheduler's SIGTERM, caught by torchrun's agent
+        print(f"interrupted ({e.sigval.name}); resume with the same command (from the last checkpoint)",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def lost_peer(e: RuntimeError) -> bool:
+    """A collective that failed because another rank went away (it stopped on its own error)."""
+    text = str(e)
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL", "Broken pipe",
+                            "remote process exited", "Socket Timeout"))
 
 
 def run_eval(args) -> int:
@@ -72,19 +149,28 @@ def run_eval(args) -> int:
     from mmtrain.distributed import setup
     from mmtrain.evaluate import format_metrics
     from mmtrain.trainer import build_model, evaluate
+    from mmdata.config import ConfigError
+    from mmtrain.trainer import first_line, warn
+    if not Path(args.run_dir).is_dir():
+        what = "is not a directory" if Path(args.run_dir).exists() else "does not exist"
+        raise ConfigError("", f"run directory {args.run_dir} {what}")
     config = load_config(ExperimentConfig, Path(args.run_dir) / "config.yaml")
+    found = checkpoint.load_latest(args.run_dir, warn=warn)   # passes over unreadable ones, naming them
+    if found is None:
+        raise ConfigError("", f"no checkpoint in {checkpoint.checkpoint_dir(args.run_dir)}: train first")
+    path, state, meta = found
     d = setup(config.train.device)
     dataset = resolve_dataset(config.data, d)
-    found = checkpoint.latest(args.run_dir)
-    if found is None:
-        print(f"error: no checkpoint in {args.run_dir}/checkpoints", file=sys.stderr)
-        return 2
-    model = build_model(config, dataset_facts(dataset))
-    state, meta = checkpoint.load(found)
-    model.load_state_dict(state["model"])
+    model = build_model(config, dataset_facts(dataset, labels_used=config.train.loss != "contrastive",
+                                              max_classes=config.model.max_classes))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ConfigError("", f"checkpoint {path} does not fit the model {args.run_dir}/config.yaml describes "
+                          f"({first_line(e)}); was config.yaml edited?") from None
     model.to(d.device)
-    print(f"checkpoint {found} (step {meta['step']})")
-    print(format_metrics(evaluate(model, config, dataset, d.device)))
+    print(f"checkpoint {path} (step {meta.get('step')})")
+    print(format_metrics(evaluate(model, config, dataset, d.device, shown=[])))
     return 0
 
 

@@ -43,7 +43,7 @@ class OptimConfig:
     grad_accum: int = 1
 
     def validate(self) -> None:
-        require(self.lr > 0, "lr", f"must be positive; got {self.lr}")
+        require(0 < self.lr < float("inf"), "lr", f"must be positive and finite; got {self.lr}")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
@@ -71,6 +71,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         require(self.steps > 0, "steps", f"must be positive; got {self.steps}")
+        require(0 <= self.classify_weight < float("inf"), "classify_weight",
+                f"must be >= 0 and finite; got {self.classify_weight}")
         require_choice(self.loss, "loss", ("contrastive", "classify", "both"))
         require(self.log_every > 0, "log_every", "must be positive")
         require(self.eval_every >= 0, "eval_every", f"must be >= 0; got {self.eval_every}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from mmdata import ConfigError, DatasetSource, MultimodalLoader, load_config, load_description, storage
-from mmdata.dataset import dataset_dir
+from mmdata.dataset import DatasetError, dataset_dir
 from mmdata.schema import DATASET_JSON
 from mmtrain.config import DataConfig, ExperimentConfig
 from mmtrain.distributed import Dist, broadcast_object
@@ -26,16 +26,65 @@ def resolve_dataset(data: DataConfig, d: Dist) -> str:
     return broadcast_object(d, path)
 
 
-def dataset_facts(dataset: str) -> dict:
-    """Sizes the model is built from: vocabulary, image size, mel bins, classes."""
+MAX_CLASSES = 100_000   # model.max_classes' default: a larger label is far more likely an id than a class
+
+
+def dataset_facts(dataset: str, labels_used: bool = True, max_classes: int = MAX_CLASSES) -> dict:
+    """Sizes the model is built from: vocabulary, image size, mel bins, classes.
+
+    With ``labels_used`` (a classification loss), the labels in the index are checked first: a negative
+    one (which the loader would silently treat as "no label"), one beyond the dataset's label names, or
+    a largest label that would make a head of more than ``max_classes`` classes stops here, naming the
+    dataset and a sample, instead of training on wrong labels or allocating a head of 2e9 classes.
+    """
     d = load_description(dataset)
-    if d.labels:
-        num_classes = len(d.labels)
+    if d.labels and not labels_used:    # nothing to check, and the names give the count: no index read
+        low, high, low_key, high_key = None, len(d.labels) - 1, None, None
     else:
-        from mmdata.load.catalog import load_catalog
-        num_classes = int(load_catalog(dataset).label.max(initial=-1)) + 1
+        low, high, low_key, high_key = label_range(dataset, d)
+    num_classes = len(d.labels) if d.labels else high + 1
+    if labels_used:
+        if low is not None and low < 0:
+            raise DatasetError(f"dataset {dataset}: sample {low_key!r} has label {low} in the index; labels are "
+                               f"class numbers from 0 (no label is null, not negative), and the loader would treat "
+                               f"it as unlabelled. Fix the labels in the input and preprocess again, or train "
+                               f"without labels (train.loss=contrastive)")
+        if d.labels and high >= len(d.labels):
+            raise DatasetError(f"dataset {dataset}: sample {high_key!r} has label {high}, but dataset.json names "
+                               f"{len(d.labels)} labels; the index does not match its description: preprocess "
+                               f"again")
+        if num_classes > max_classes:
+            raise ConfigError("model.max_classes", f"dataset {dataset} has labels up to {high} (sample "
+                              f"{high_key!r}), so a head of {num_classes} classes, over model.max_classes="
+                              f"{max_classes}. If those are ids rather than classes, fix the labels in the input and "
+                              f"preprocess again; if there really are that many classes, raise model.max_classes")
     return {"vocab_size": d.tokenizer.vocab_size, "image_size": d.image_size, "n_mels": d.n_mels,
             "num_classes": num_classes, "labels": d.labels}
+
+
+def label_range(dataset: str, description) -> tuple[int | None, int, str | None, str | None]:
+    """(lowest label, highest label or -1, the key of a sample with each) over the index; nulls (no label)
+    are left out, so that a stored -1 is told apart from a missing label. Reads only two columns."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    low, high, low_key, high_key = None, -1, None, None
+    for shard in description.shards:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(description.index_url(shard), {})),
+                              columns=["key", "label"])
+        labels = table.column("label").to_numpy(zero_copy_only=False)
+        valid = ~table.column("label").is_null().to_numpy(zero_copy_only=False)
+        if not valid.any():
+            continue
+        values = np.where(valid, labels, 0).astype(np.int64)
+        i_low = int(np.flatnonzero(valid)[np.argmin(values[valid])])
+        i_high = int(np.flatnonzero(valid)[np.argmax(values[valid])])
+        if low is None or values[i_low] < low:
+            low, low_key = int(values[i_low]), table.column("key")[i_low].as_py()
+        if values[i_high] > high:
+            high, high_key = int(values[i_high]), table.column("key")[i_high].as_py()
+    return low, high, low_key, high_key
 
 
 def loader_config(config: ExperimentConfig, dataset: str, split: str):

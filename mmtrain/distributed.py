@@ -35,7 +35,13 @@ def setup(device: str = "auto", group: bool = False) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        from mmdata.config import ConfigError
+        raise ConfigError("train.device", "cuda, but no CUDA device is visible (CUDA_VISIBLE_DEVICES, the driver, "
+                          "or a CPU-only torch); use train.device=auto or cpu")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        from mmdata.config import ConfigError
+        raise ConfigError("train.device", f"rank {rank} wants cuda:{local_rank}, but {torch.cuda.device_count()} "
+                          f"CUDA devices are visible; start at most that many processes per machine (--nproc)")
     target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(target)
@@ -51,14 +57,18 @@ def setup(device: str = "auto", group: bool = False) -> Dist:
     return Dist(rank, world, local_rank, target)
 
 
-def cleanup() -> None:
+def cleanup(failed: bool = False) -> None:
     """Leave the process group, once nothing from training is alive (call it after the function that
     trained has returned). Tensors and autograd graphs that came out of collectives and outlive the
     group are freed at interpreter exit, after the group is gone, which aborts the process with
-    "terminate called without an active exception" (gloo, torch 2.14, now and then under load)."""
+    "terminate called without an active exception" (gloo, torch 2.14, now and then under load).
+
+    ``failed``: this rank stopped on an error (a bad sample, a NaN loss) that the others may not have met;
+    they are waiting in a collective of training, so a barrier here would never return. Leave at once:
+    the process exits with its error, and torchrun stops the other ranks."""
     if dist.is_initialized():
         gc.collect()     # reference cycles that hold collective results go now, while the group exists
-        if dist.get_world_size() > 1:
+        if dist.get_world_size() > 1 and not failed:
             dist.barrier()   # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
 

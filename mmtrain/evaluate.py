@@ -118,7 +118,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
     "/uniform_chance" and "/n" keys only annotate their score. Works the same
     on keys with a prefix such as "eval/".
     """
-    scores = [k for k in metrics if not k.endswith(("/chance", "/uniform_chance", "/n"))]
+    # "skipped" (samples left out with loader.on_error=skip) is a count, not a score: the trainer prints it
+    scores = [k for k in metrics if not k.endswith(("/chance", "/uniform_chance", "/n")) and k != "skipped"]
     if not scores:
         return "(no metrics)"
     names = {k: k.replace("/R@", " R@") for k in scores}

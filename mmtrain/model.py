@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdata.config import require, require_choice
+from mmdata.config import ConfigError, require, require_choice
 from mmdata.schema import MODALITIES
 
 INIT_STD = 0.02   # learned position and modality embeddings start small next to the (unit-scale) inputs
@@ -44,11 +44,23 @@ class ModelConfig:
     embed_dim: int = 96             # shared contrastive embedding space
     temperature: float = 0.07       # initial; learned
     max_positions: int = 1024
+    max_classes: int = 100_000      # a dataset whose labels need a larger classification head stops before training
 
     def validate(self) -> None:
+        require(self.heads > 0, "heads", f"must be positive; got {self.heads}")
         require(self.dim > 0 and self.dim % self.heads == 0, "dim",
                 f"must be a positive multiple of heads ({self.heads}); got {self.dim}")
+        require(self.mlp_ratio > 0, "mlp_ratio", f"must be positive; got {self.mlp_ratio}")
+        require(self.embed_dim > 0, "embed_dim", f"must be positive; got {self.embed_dim}")
+        require(self.max_positions >= 1, "max_positions", f"must be at least 1; got {self.max_positions}")
+        require(self.max_classes >= 2, "max_classes", f"must be at least 2; got {self.max_classes}")
         require_choice(self.image_encoder, "image_encoder", ("vit", "cnn"))
+        if self.image_encoder == "cnn":
+            import torchvision
+            archs = torchvision.models.list_models(module=torchvision.models)   # the classification models
+            require(self.cnn_arch in archs, "cnn_arch", f"{self.cnn_arch!r} is not a torchvision classification "
+                    f"model; use e.g. resnet18, resnet50, efficientnet_b0, mobilenet_v3_small or convnext_tiny "
+                    f"(torchvision.models.list_models(module=torchvision.models) lists all {len(archs)})")
         require(self.patch_size > 0, "patch_size", "must be positive")
         require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         require(self.temperature > 0, "temperature", "must be positive")
@@ -118,19 +130,70 @@ class ViTEncoder(nn.Module):
 class CNNEncoder(nn.Module):
     """A torchvision classification backbone without its head; its feature map becomes tokens."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, image_size: int = 64):
         super().__init__()
         import torchvision
         backbone = torchvision.models.get_model(config.cnn_arch, weights=None)
         self.features = nn.Sequential(*list(backbone.children())[:-2])
+        unusable = f"{config.cnn_arch} cannot serve as the image encoder on this dataset's {image_size}px images"
+        if not len(self.features):
+            raise ConfigError("model.cnn_arch", f"{unusable}: without its last two modules nothing is left; "
+                              f"use a ResNet, EfficientNet, MobileNet, VGG or ConvNeXt")
+        # at the dataset's image size, so that a backbone too deep for it fails here (eval mode: batch norm over
+        # a 1x1 map of one image is not defined, and the probe must not touch the running statistics)
+        self.features.eval()
         with torch.no_grad():
-            channels = self.features(torch.zeros(1, 3, 64, 64)).shape[1]
-        self.proj = nn.Conv2d(channels, config.dim, 1)
+            try:
+                probe = self.features(torch.zeros(1, 3, image_size, image_size))
+            except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+                raise ConfigError("model.cnn_arch", f"{unusable}: {str(e).splitlines()[0] if str(e) else e!r}; "
+                                  f"use a ResNet or another backbone that takes small images") from None
+        if probe.ndim != 4:
+            raise ConfigError("model.cnn_arch", f"{unusable}: its features have shape {tuple(probe.shape)}, not "
+                              f"[batch, channels, height, width]; use a ResNet, EfficientNet, MobileNet or VGG")
+        self.features.train()
+        self.proj = nn.Conv2d(probe.shape[1], config.dim, 1)
 
     def forward(self, image: torch.Tensor):
         x = self.proj(self.features(image)).flatten(2).transpose(1, 2)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return x, mask, x.mean(1)
+
+
+def load_image_weights(encoder: nn.Module, path: str) -> None:
+    """model.image_weights into the image encoder; anything but a matching state dict is a ConfigError
+    saying what the file is and what it should be."""
+    from pathlib import Path
+    key, file = "model.image_weights", Path(path)
+    expected = "a state dict of this image encoder, as torch.save(model.encoders['image'].state_dict(), path) writes"
+    if not file.is_file():
+        raise ConfigError(key, f"{path} {'is not a regular file' if file.exists() else 'does not exist'}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the file is, it is not weights we can load safely
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+        raise ConfigError(key, f"{path} is not a weights file torch.load can read with weights_only=True "
+                          f"({reason}); it must be {expected}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(key, f"{path} holds a {type(state).__name__}, not a state dict of tensors; it must be "
+                          f"{expected}")
+    own = encoder.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (e.g. {k}: file {list(state[k].shape)}, "
+                        f"model {list(own[k].shape)})")
+    if problems:
+        raise ConfigError(key, f"{path} does not match the image encoder (model.image_encoder, cnn_arch, dim, "
+                          f"patch_size): {', '.join(problems)}; it must be {expected}")
+    encoder.load_state_dict(state)
 
 
 class AudioEncoder(nn.Module):
@@ -162,9 +225,9 @@ class FusionModel(nn.Module):
             self.encoders["text"] = TextEncoder(config, vocab_size)
         if "image" in self.modalities:
             self.encoders["image"] = ViTEncoder(config, image_size) if config.image_encoder == "vit" \
-                else CNNEncoder(config)
+                else CNNEncoder(config, image_size)
             if config.image_weights:
-                self.encoders["image"].load_state_dict(torch.load(config.image_weights, weights_only=True))
+                load_image_weights(self.encoders["image"], config.image_weights)
         if "audio" in self.modalities:
             self.encoders["audio"] = AudioEncoder(config, n_mels)
         self.project = nn.ModuleDict({m: nn.Linear(config.dim, config.embed_dim) for m in self.modalities})

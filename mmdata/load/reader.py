@@ -132,6 +132,7 @@ class ShardReader:
         mapped = self._maps.get(url) if self.config.mmap else None
         if mapped is not None:
             # already mapped (the common case, every sample after a shard's first): slices, nothing to merge
+            check_mapped(url, mapped)
             self._maps.move_to_end(url)
             views = []
             for offset, size in ranges:
@@ -157,6 +158,11 @@ class ShardReader:
         and no call: per sample, the calls and checks of ``read`` show in a worker's profile.
         """
         maps = self._maps if self.config.mmap else {}
+        shards = dict.fromkeys(urls)
+        for url in shards:                   # once per shard and batch, before any page of it is touched
+            mapped = maps.get(url)
+            if mapped is not None and mapped.obj.size() != len(mapped):
+                del maps[url]                # read() below reopens it, and open_shard names what changed
         out: list[list[Bytes] | ShardReadError] = []
         for url, starts, lengths, end, total in zip(urls, offsets, sizes, ends, shard_bytes):
             mapped = maps.get(url)
@@ -167,7 +173,7 @@ class ShardReader:
                 out.append(self.read(url, list(zip(starts, lengths)), total) if starts else [])
             except ShardReadError as e:
                 out.append(e)
-        for url in dict.fromkeys(urls):      # least recently used order, once per shard
+        for url in shards:                   # least recently used order, once per shard
             if url in maps:
                 maps.move_to_end(url)
         return out
@@ -217,8 +223,10 @@ class ShardReader:
 
         Reading a slice of the page cache instead of copying it out saves a copy of every member
         (docs/performance.md). Shards are written once (tmp + rename), so a mapping never sees them
-        change; a mapping is dropped from this cache without unmapping, and goes when no slice of it
-        is alive.
+        change, unless another tool truncates or rewrites one in place: ``read`` and ``read_batch``
+        compare the file's size with the mapping's (one fstat per shard and batch) before slicing,
+        so that is a ShardReadError naming the shard, not a SIGBUS. A mapping is dropped from this
+        cache without unmapping, and goes when no slice of it is alive.
         """
         if url in self._maps:
             self._maps.move_to_end(url)
@@ -335,7 +343,20 @@ def open_shard(url: str, path: Path, shard_bytes: int | None) -> int:
         return fd
     os.close(fd)
     what = "is truncated" if actual < shard_bytes else "does not match dataset.json"
-    raise ShardReadError(f"shard {url} {what}: it has {actual} bytes, expected {shard_bytes} bytes ({worker_name()})")
+    raise ShardReadError(f"shard {url} {what}: it has {actual} bytes, expected {shard_bytes} bytes; it was cut "
+                         f"short or rewritten after it was written: rebuild with mmdata preprocess ({worker_name()})")
+
+
+def check_mapped(url: str, mapped: memoryview) -> None:
+    """Raise if the file under a mapping changed size since it was mapped (it was truncated or rewritten in
+    place). Touching a page past a shrunk file's end kills the process with SIGBUS, which names no shard;
+    one fstat (``mmap.size``) beforehand turns that into an error naming it. About 0.5 µs."""
+    actual = mapped.obj.size()
+    if actual != len(mapped):
+        what = "is truncated" if actual < len(mapped) else "changed size"
+        raise ShardReadError(f"shard {url} {what}: it has {actual} bytes, {len(mapped)} when it was mapped; it was "
+                             f"cut short or rewritten while being read: rebuild with mmdata preprocess "
+                             f"({worker_name()})")
 
 
 def pread(fd: int, url: str, offset: int, size: int) -> bytes:
