@@ -252,6 +252,9 @@ def raw_input(modality: str, raw, job: Job):
     if modality == "text":
         return raw
     cap = getattr(job.config, modality).max_bytes
+    if raw == "":
+        raise SampleError("missing_file", f"the {modality} path is an empty string; use null, or leave the key "
+                                          f"out, for a sample without {modality}")
     if isinstance(raw, bytes):
         if len(raw) > cap:
             raise too_large(f"the {modality} member", f"{len(raw)} bytes", cap)

@@ -210,8 +210,10 @@ def check_value(name: str, value: Any) -> None:
 def resolve(ref: Any, base: str, column: str = "image") -> str | bytes | None:
     """Manifest paths are data: joined to the manifest's folder when relative, never executed. A value that
     is neither a path/URL string nor bytes (a number, a list...) is BadValue (invalid_path)."""
-    if ref is None or ref == "":
+    if ref is None:
         return None
+    if ref == "":   # JSONL or Parquet: a path left empty, reported when read (CSV's empty cells are None)
+        return ""
     if isinstance(ref, (bytes, bytearray)):
         return bytes(ref)
     if not isinstance(ref, str):

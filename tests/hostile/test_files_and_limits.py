@@ -405,3 +405,12 @@ def test_unbounded_loader_settings_are_refused_naming_the_key(setting, key):
     with pytest.raises(ConfigError) as e:
         loader_config("unused", **setting)
     assert e.value.key == key
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_an_empty_path_is_reported_not_silently_absent(demo_dir, tmp_path, modality):
+    manifest = write_manifest(tmp_path / "m.jsonl", [hostile_row(**{modality: ""}), *demo_rows(demo_dir)])
+    result, errors = run(manifest, tmp_path / "out")
+    assert [(e["reason"], e["modality"], e["action"]) for e in errors] == [("missing_file", modality,
+                                                                           "dropped_modality")]
+    assert "empty string" in errors[0]["error"] and result.totals.written == GOOD_ROWS + 1
