@@ -68,3 +68,16 @@ def test_missing_or_broken_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(PreprocessConfig, bad)
 
+
+
+@pytest.mark.parametrize("written, value", [("3e-4", 3e-4), ("1E3", 1000.0), ("-2.5e-1", -0.25), ("7", 7.0)])
+def test_floats_in_exponent_notation_are_floats(written, value):
+    from mmdata.config import _coerce
+    assert _coerce(float, written, "k") == value
+    with pytest.raises(ConfigError):
+        _coerce(float, "3e-4x", "k")
+
+
+def test_an_override_like_lr_3e_4_reaches_the_config_as_a_float():
+    from mmdata.prep.config import PreprocessConfig
+    assert load_config(PreprocessConfig, None, ["input.manifest=m.jsonl", "max_error_rate=5e-2"]).max_error_rate == 0.05
