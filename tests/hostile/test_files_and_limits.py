@@ -414,3 +414,22 @@ def test_an_empty_path_is_reported_not_silently_absent(demo_dir, tmp_path, modal
     assert [(e["reason"], e["modality"], e["action"]) for e in errors] == [("missing_file", modality,
                                                                            "dropped_modality")]
     assert "empty string" in errors[0]["error"] and result.totals.written == GOOD_ROWS + 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_task_that_cannot_write_under_ray_is_one_line_exit_3_not_a_ray_traceback(demo_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".store").write_text("a file where the partition store should be")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {{manifest: {write_manifest(tmp_path / 'm.jsonl', demo_rows(demo_dir))}}}\n"
+                      f"output: {{root: {tmp_path / 'out'}, name: t}}\nray: {{executor: ray, num_cpus: 1}}\n"
+                      "progress: false\ntext: {vocab_size: 128}\n")
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([sys.executable, "-m", "mmdata", "preprocess", str(config)], env=env,
+                          capture_output=True, text=True, timeout=200)
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert len(error_lines) == 1 and ".store" in error_lines[0] and "not a folder" in error_lines[0]
+    assert "RayTaskError" not in done.stderr and "Traceback" not in done.stderr
