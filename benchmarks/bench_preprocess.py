@@ -2,12 +2,18 @@
 
     make bench-preprocess                    # 3000 samples, RSS at 2k and 20k
     python benchmarks/bench_preprocess.py --n 3000 --rss 2000 20000
+    python benchmarks/bench_preprocess.py --image-only    # only the image kernel on large photos (~30 s)
 
 Kernel ceiling = the same per-sample code (read, tokenize, image decode/resize/encode,
 audio decode/resample/log-mel) in a plain single-process loop, times the cores used.
 Both are measured in this run, so the ratio survives a noisy machine. So is the cost of the
 index's member checksums: zlib.crc32 over every member the kernel produced, per sample, as a
 share of the kernel's time per sample.
+
+The image kernel is also measured on its own, on large photo-like inputs (1024x768, 256 px out):
+encode_image with image.fast_downscale on (JPEG: reduced-size decoding; WebP, PNG: a box reduce
+first) and off, interleaved image by image; it prints the ratio of their rates (CPU time of the
+process) and the PSNR between their outputs.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -85,6 +92,89 @@ def checksum_seconds(members: list[bytes], repeats: int = 7) -> float:
     return statistics.median(times)
 
 
+# --- image kernel: fast_downscale on vs off on large photos ----------------------------------
+
+def photo_images(n: int, width: int = 1024, height: int = 768, seed: int = 0) -> Iterator:
+    """``n`` deterministic photo-like RGB images: smooth colour gradients and filled shapes under
+    sensor-like noise (fine detail everywhere, as in photos: where reduced decoding differs most)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 6, (height + 64, width + 64, 3)).astype(np.float32)   # one field, shifted per image
+    x, y = np.linspace(0, 3, width, dtype=np.float32), np.linspace(0, 3, height, dtype=np.float32)
+    for _ in range(n):
+        a, b, p = rng.uniform(-3, 3, (3, 3)).astype(np.float32)   # per channel: x and y frequencies, phases
+        gradient = np.empty((height, width, 3), np.uint8)
+        for c in range(3):
+            gradient[..., c] = 128 + 50 * np.sin(a[c] * x + p[c])[None, :] + 50 * np.sin(b[c] * y + 2 * p[c])[:, None]
+        image = Image.fromarray(gradient)
+        draw = ImageDraw.Draw(image)
+        for _ in range(10):
+            cx, cy, r = int(rng.integers(0, width)), int(rng.integers(0, height)), int(rng.integers(8, 200))
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            if rng.random() < 0.5:
+                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+            else:
+                draw.polygon([(cx, cy), (cx + r, cy + r // 2), (cx - r // 3, cy + r)], fill=colour)
+        dx, dy = rng.integers(0, 64, 2)
+        pixels = noise[dy:dy + height, dx:dx + width] + np.asarray(image, np.float32)
+        yield Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8))
+
+
+def psnr(a: bytes, b: bytes) -> float:
+    """PSNR in dB between two encoded images of the same size."""
+    import io
+    import numpy as np
+    from PIL import Image
+    x, y = (np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), dtype=np.float64) for d in (a, b))
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+def image_kernel(n: int, size: int = 256, rounds: int = 3) -> None:
+    """encode_image with image.fast_downscale on and off over the same inputs, interleaved: the ratio of
+    their rates (median over rounds) and the PSNR between the two outputs of each input. JPEG (q90,
+    ``n`` images) is the case the switch is for; WebP and PNG (n // 20 each) use Image.reduce."""
+    import io
+    from mmdata.prep.image import ImageConfig, encode_image
+    # fast encoder settings for WebP and PNG: they only keep the setup short
+    formats = {"JPEG": ({"quality": 90}, n), "WEBP": ({"quality": 90, "method": 0}, n // 20),
+               "PNG": ({"compress_level": 1}, n // 20)}
+    inputs: dict[str, list[bytes]] = {fmt: [] for fmt in formats}
+    for i, image in enumerate(photo_images(n)):
+        w, h = image.size
+        for fmt, (params, count) in formats.items():
+            if i < count:
+                buf = io.BytesIO()
+                image.save(buf, fmt, **params)
+                inputs[fmt].append(buf.getvalue())
+    for fmt, data in inputs.items():
+        if not data:
+            continue
+        configs = {on: ImageConfig(size=size, resize="shorter_side_crop", fast_downscale=on) for on in (False, True)}
+        seconds = {False: [], True: []}
+        outputs = {False: [], True: []}
+        for r in range(rounds):
+            # on and off alternate image by image, so both meet the same machine; CPU time of this
+            # (single-threaded) process, so other processes sharing the cores do not count
+            spent = {False: 0.0, True: 0.0}
+            for i, d in enumerate(data):
+                for on in ((False, True) if (i + r) % 2 == 0 else (True, False)):
+                    start = time.process_time()
+                    out = encode_image(d, configs[on])[0]["jpg"]
+                    spent[on] += time.process_time() - start
+                    if r == 0:
+                        outputs[on].append(out)
+            for on in spent:
+                seconds[on].append(spent[on])
+        ratio = statistics.median(off / on for off, on in zip(seconds[False], seconds[True]))
+        rate = {on: len(data) / statistics.median(seconds[on]) for on in seconds}
+        scores = [psnr(a, b) for a, b in zip(outputs[False], outputs[True])]
+        print(f"image kernel, {len(data)} {w}x{h} {fmt} -> {size} px shorter_side_crop jpg: fast_downscale "
+              f"on {rate[True]:.0f}/s, off {rate[False]:.0f}/s, ratio {ratio:.2f} (median of {rounds} rounds); "
+              f"PSNR on vs off mean {statistics.mean(scores):.1f} dB, min {min(scores):.1f} dB")
+
+
 def run_preprocess(config_path: Path) -> tuple[dict, float, dict]:
     """Run the CLI in a subprocess; returns (its summary numbers, seconds, peak RSS in MB)."""
     start = time.perf_counter()
@@ -140,7 +230,13 @@ def main() -> None:
     parser.add_argument("--rss", type=int, nargs="*", default=[2000, 20000], help="sizes for the RSS runs")
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--image-n", type=int, default=200, help="large JPEGs for the image kernel (0: skip it)")
+    parser.add_argument("--image-only", action="store_true", help="run only the image kernel comparison")
     args = parser.parse_args()
+    if args.image_n > 0:
+        image_kernel(args.image_n)
+    if args.image_only:
+        return
     from mmdata.demo import generate_demo
     work = Path(args.work or tempfile.mkdtemp(prefix="mm-bench-"))
     print(f"scratch {work}; {args.cpus} cores")

@@ -2,13 +2,19 @@
 
 Data flow of :func:`encode_image`::
 
-    bytes -> open (header only: size guards) -> load pixels -> EXIF orientation
-          -> _to_rgb (one rule per PIL mode) -> _resize (config.resize)
-          -> _save (fixed encoder parameters, no metadata) -> bytes
+    bytes -> open (header only: size guards) -> [JPEG: draft, a reduced-size decode]
+          -> load pixels -> EXIF orientation -> _to_rgb (one rule per PIL mode)
+          -> _resize (config.resize) -> _save (fixed encoder parameters, no metadata) -> bytes
 
 Every failure is a :class:`SampleError` with a stable reason, so the caller
 can count it and apply ``config.on_error``. The size guard reads only the
 header, so a decompression bomb is rejected before its pixels are allocated.
+With ``config.fast_downscale`` (the default) a large JPEG is decoded at 1/2,
+1/4 or 1/8 scale (libjpeg's DCT scaling: the smallest scale still covering
+1.5x the output) and any other input the bicubic shrinks 3x or more is first
+box-reduced by an integer factor; the output's size and framing are computed
+from the full size either way, so only pixel values differ from a full-size
+decode (PSNR above 40 dB; see docs/performance.md).
 Output bytes depend only on the input bytes and the config: encoders run
 with fixed parameters and nothing from the input's metadata (EXIF, ICC, DPI,
 text chunks) is written. ICC profiles are dropped, not applied: pixels are
@@ -22,9 +28,10 @@ import io
 import struct
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from mmdata.config import require, require_choice
 from mmdata.schema import IMAGE_EXTS, SampleError
@@ -53,6 +60,22 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
 
 _RESAMPLE = Image.Resampling.BICUBIC
 
+# fast_downscale: formats whose decoder can scale while decoding (Pillow's draft(): libjpeg's DCT
+# scaling; MPO opens through the JPEG plugin) and the scales it offers, largest first.
+_DRAFT_FORMATS = ("JPEG", "MPO")
+_DRAFT_SCALES = (8, 4, 2)
+# What fast_downscale leaves the bicubic to shrink, at least. A JPEG is decoded at the smallest scale
+# still covering 1.5x the output side; other inputs go through Image.resize's reducing_gap (where the
+# bicubic would shrink 3x or more, Image.reduce first averages integer-factor boxes). With less left,
+# the bicubic barely filters: a draft decoded to exactly the output side measured 34 dB from a
+# full-size decode on noisy photos; with 1.5x left, over 40 dB.
+_REDUCING_GAP = 1.5
+# EXIF orientation -> (sides swapped, displayed x reversed, displayed y reversed): how
+# ImageOps.exif_transpose moves a draft's partial last column and row (see _area)
+_ORIENTATIONS = {2: (False, True, False), 3: (False, True, True), 4: (False, False, True),
+                 5: (True, False, False), 6: (True, True, False), 7: (True, True, True),
+                 8: (True, False, True)}
+
 # config.format -> (Pillow format name, fixed encoder parameters). JPEG uses
 # 4:2:0 chroma subsampling (subsampling=2): the common choice for photos, a
 # third smaller than 4:4:4 and what most image datasets already contain.
@@ -77,6 +100,10 @@ class ImageConfig:
     max_pixels: int = 64_000_000        # guard on the original width*height, read from the header
     max_bytes: int = 64 << 20           # input files larger than this are not read: file_too_large
     min_side: int = 1                   # images whose smaller side is below this are too small
+    # true: a JPEG is decoded at 1/2, 1/4 or 1/8 scale when that still covers 1.5x the output, other
+    # inputs shrunk 3x or more are box-reduced by an integer factor first; then the same bicubic resize.
+    # About 2x faster on large photos, PSNR over 40 dB against false (full-size decode, one bicubic resize)
+    fast_downscale: bool = True
     on_error: str = "drop_modality"     # drop_modality | reject_sample (applied by the caller)
 
     def validate(self) -> None:
@@ -92,6 +119,8 @@ class ImageConfig:
         require(0 < self.max_pixels <= MAX_PIXELS, "max_pixels",
                 f"must be between 1 and {MAX_PIXELS} (decoded pixels are held in memory); got {self.max_pixels}")
         require(self.min_side >= 1, "min_side", f"must be at least 1; got {self.min_side}")
+        require(isinstance(self.fast_downscale, bool), "fast_downscale",
+                f"must be true or false; got {self.fast_downscale!r}")
         require_choice(self.on_error, "on_error", ("drop_modality", "reject_sample"))
 
 
@@ -110,16 +139,25 @@ def encode_image(data: bytes, config: ImageConfig) -> tuple[dict[str, bytes], di
     """
     if len(data) == 0:
         raise SampleError("empty_image", "image is empty (0 bytes); expected an encoded image file")
-    img, mode, fmt = _decode(data, config)
-    rgb = _to_rgb(img, config.background)
-    out = _resize(rgb, config)
-    info = {"width": img.width, "height": img.height, "mode": mode, "format": fmt,
+    decoded = _decode(data, config)
+    rgb = _to_rgb(decoded.img, config.background)
+    out = _resize(rgb, config, decoded.size, decoded.area)
+    info = {"width": decoded.size[0], "height": decoded.size[1], "mode": decoded.mode, "format": decoded.format,
             "out_width": out.width, "out_height": out.height}
     return {config.format: _save(out, config)}, info
 
 
-def _decode(data: bytes, config: ImageConfig) -> tuple[Image.Image, str, str | None]:
-    """Open, check the size from the header, then load pixels and apply EXIF orientation."""
+class _Decoded(NamedTuple):
+    img: Image.Image                           # oriented pixels: full size, or a draft's reduced size
+    mode: str                                  # the input's Pillow mode and format name, for info
+    format: str | None
+    size: tuple[int, int]                      # the input's full size as displayed (after EXIF orientation)
+    area: tuple[float, float, float, float]    # where that full image lies in img: (0, 0, *size) unless drafted
+
+
+def _decode(data: bytes, config: ImageConfig) -> _Decoded:
+    """Open, check the size from the header, then load pixels (a JPEG at reduced size when
+    ``config.fast_downscale`` allows) and apply EXIF orientation."""
     try:
         # Our own max_pixels is the guard, so Pillow's bomb *warning* is noise
         # here; its hard error (over 2 * Image.MAX_IMAGE_PIXELS) still fires
@@ -127,11 +165,17 @@ def _decode(data: bytes, config: ImageConfig) -> tuple[Image.Image, str, str | N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=input_formats()) as img:
-                mode, fmt = img.mode, img.format
-                _check_size(img.width, img.height, config)   # before load(): nothing decoded yet
+                mode, fmt, stored = img.mode, img.format, img.size
+                _check_size(img.width, img.height, config)   # before load() and draft(): the header's full size
+                scale = _draft(img, config) if config.fast_downscale and fmt in _DRAFT_FORMATS else 1
+                # read before exif_transpose, which deletes it; the same lookup it makes
+                orientation = img.getexif().get(ExifTags.Base.Orientation, 1) if scale > 1 else 1
                 img.load()   # truncated data raises here: ImageFile.LOAD_TRUNCATED_IMAGES stays off
                 ImageOps.exif_transpose(img, in_place=True)
-                return img, mode, fmt
+                if scale == 1:
+                    return _Decoded(img, mode, fmt, img.size, (0, 0, *img.size))
+                size, area = _area(stored, img.size, scale, orientation)
+                return _Decoded(img, mode, fmt, size, area)
     except UnidentifiedImageError:
         raise SampleError("corrupt_image", f"not an image in a supported format ({', '.join(input_formats())}), "
                           "or damaged beyond recognition") from None
@@ -141,6 +185,42 @@ def _decode(data: bytes, config: ImageConfig) -> tuple[Image.Image, str, str | N
     except _DECODE_ERRORS as e:
         raise SampleError("corrupt_image", f"image could not be decoded ({type(e).__name__}: {e}); "
                           "expected a complete file in a format Pillow reads") from None
+
+
+def _draft(img: Image.Image, config: ImageConfig) -> int:
+    """Ask the JPEG decoder for the largest DCT scale (8, 4, 2) whose output still covers
+    _REDUCING_GAP x what :func:`_resize` needs; returns the scale taken (1: none, full size).
+
+    shorter_side_crop resizes the shorter side to ``config.size``; letterbox and max_side the
+    longer side (max_side never upscales, so an image under ``size`` is never reduced). Sides are
+    lengths, so the stored orientation gives the same answer as the displayed one. The thinner
+    side is kept at least a pixel. ``draft`` keeps the file's mode (L, RGB, CMYK): _to_rgb
+    converts it exactly as for a full-size decode.
+    """
+    w, h = img.size
+    need = min(w, h) if config.resize == "shorter_side_crop" else max(w, h)
+    scale = next((s for s in _DRAFT_SCALES if need >= s * config.size * _REDUCING_GAP and min(w, h) >= s), 1)
+    if scale == 1:
+        return 1
+    # Pillow takes the largest scale <= min(w // request_w, h // request_h); with these requests
+    # that is exactly `scale`. It answers with where the full image lies in the reduced one.
+    drafted = img.draft(None, (w // scale, h // scale))
+    return 1 if drafted is None else round(w / drafted[1][2])
+
+
+def _area(stored: tuple[int, int], oriented: tuple[int, int], scale: int,
+          orientation: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """The full image's displayed size, and where it lies in a draft decoded at 1/``scale``.
+
+    A draft is ceil(side / scale) pixels wide: its last column (row) is partly outside the image.
+    Where EXIF orientation reverses a displayed axis, that partial pixel comes first, so the
+    image starts a fraction of a pixel in.
+    """
+    swap, reverse_x, reverse_y = _ORIENTATIONS.get(orientation, (False, False, False))
+    w, h = (stored[1], stored[0]) if swap else stored
+    x0 = oriented[0] - w / scale if reverse_x else 0.0
+    y0 = oriented[1] - h / scale if reverse_y else 0.0
+    return (w, h), (x0, y0, x0 + w / scale, y0 + h / scale)
 
 
 @functools.lru_cache(maxsize=1)
@@ -215,23 +295,38 @@ def _float_to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8))
 
 
-def _resize(img: Image.Image, config: ImageConfig) -> Image.Image:
-    """Apply ``config.resize``; see :class:`ImageConfig` for what each mode means."""
-    w, h, side = img.width, img.height, config.size
+def _resize(img: Image.Image, config: ImageConfig, size: tuple[int, int],
+            area: tuple[float, float, float, float]) -> Image.Image:
+    """Apply ``config.resize``; see :class:`ImageConfig` for what each mode means.
+
+    Output size and framing come from the full ``size``; ``area`` is where that full image lies
+    in ``img`` (all of it, unless a draft decoded it smaller), so a reduced decode changes pixel
+    values only. fast_downscale also lets Pillow box-reduce first (``reducing_gap``).
+    """
+    (w, h), side = size, config.size
+    gap = _REDUCING_GAP if config.fast_downscale else None
     if config.resize == "shorter_side_crop":
         # Resampling straight from the centred square box crops and resizes
         # in one pass, without first resizing the parts that get cut away.
         s = min(w, h)
         box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-        return img.resize((side, side), _RESAMPLE, box=box)
+        return img.resize((side, side), _RESAMPLE, box=_within(box, size, area), reducing_gap=gap)
     if config.resize == "letterbox":
-        inner = img.resize(_scaled(w, h, side / max(w, h)), _RESAMPLE)
+        inner = img.resize(_scaled(w, h, side / max(w, h)), _RESAMPLE, box=area, reducing_gap=gap)
         canvas = Image.new("RGB", (side, side), tuple(config.pad_color))
         canvas.paste(inner, ((side - inner.width) // 2, (side - inner.height) // 2))
         return canvas
-    if max(w, h) <= side:   # max_side never upscales: small images keep their pixels
+    if max(w, h) <= side:   # max_side never upscales: small images keep their pixels (never drafted)
         return img
-    return img.resize(_scaled(w, h, side / max(w, h)), _RESAMPLE)
+    return img.resize(_scaled(w, h, side / max(w, h)), _RESAMPLE, box=area, reducing_gap=gap)
+
+
+def _within(box: tuple[float, float, float, float], size: tuple[int, int],
+            area: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """``box`` in full-size coordinates -> the same region of the image ``area`` lies in (exact when
+    ``area`` is the full size: x * 1.0 + 0)."""
+    sx, sy = (area[2] - area[0]) / size[0], (area[3] - area[1]) / size[1]
+    return (area[0] + box[0] * sx, area[1] + box[1] * sy, area[0] + box[2] * sx, area[1] + box[3] * sy)
 
 
 def _scaled(w: int, h: int, scale: float) -> tuple[int, int]:

@@ -6,6 +6,7 @@ exact pixel values matter (lossless), as JPEG where only sizes do.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import struct
@@ -13,10 +14,10 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mmdata.config import ConfigError, validate_tree
-from mmdata.prep.image import ImageConfig, encode_image
+from mmdata.prep.image import ImageConfig, _decode, encode_image
 from mmdata.schema import SampleError
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
@@ -47,6 +48,40 @@ def halves(size: tuple[int, int], first, second, vertical: bool = True) -> Image
 def noise(size: tuple[int, int]) -> Image.Image:
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Photo-like RGB: smooth colour ramps and filled shapes under noise, so there is detail at every
+    scale. Integer arithmetic only: the same pixels on every machine (some tests pin output bytes)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    ramps = []
+    for kx, ky in rng.integers(-3, 4, (3, 2)):             # up to 1.5 periods across the image
+        t = (xx * kx * 256 // w + yy * ky * 256 // h + int(rng.integers(0, 512))) % 512
+        ramps.append(np.minimum(t, 511 - t))                # a triangle wave: smooth ramps, 0..255
+    img = Image.fromarray(np.stack(ramps, axis=-1).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(2, max(3, min(w, h) // 3)))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    pixels = np.asarray(img, dtype=np.int16) + rng.integers(-10, 11, (h, w, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def jpeg(img: Image.Image, orientation: int = 1, **params) -> bytes:
+    """JPEG q90 (4:2:0), with an EXIF orientation tag unless it is 1."""
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        params["exif"] = exif.tobytes()
+    return file_bytes(img, "JPEG", quality=90, **params)
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    assert a.size == b.size
+    mse = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -286,6 +321,179 @@ def test_input_metadata_is_not_written(fmt):
     assert "exif" not in out.info and "icc_profile" not in out.info and len(out.getexif()) == 0
 
 
+# --- fast_downscale: reduced-size decoding -------------------------------------
+
+def fast_and_full(data: bytes, **config) -> tuple[Image.Image, Image.Image, dict, dict]:
+    """The PNG outputs and infos of fast_downscale on and off."""
+    fast, fast_info = run(data, fast_downscale=True, **config)
+    full, full_info = run(data, fast_downscale=False, **config)
+    return fast, full, fast_info, full_info
+
+
+@pytest.mark.parametrize("resize", ["shorter_side_crop", "letterbox", "max_side"])
+@pytest.mark.parametrize("size", [64, 100])
+def test_reduced_jpeg_decoding_matches_full_decoding(resize, size):
+    data = jpeg(photo((641, 479)))
+    fast, full, fast_info, full_info = fast_and_full(data, size=size, resize=resize)
+    assert _decode(data, ImageConfig(size=size, resize=resize)).img.width <= 321   # it did decode smaller
+    assert fast.size == full.size and fast_info == full_info
+    assert psnr(fast, full) >= 40
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("resize", ["shorter_side_crop", "letterbox", "max_side"])
+def test_exif_orientations_match_full_decoding(orientation, resize):
+    # odd sides: the draft's last, partial column and row must end up where the orientation puts them
+    data = jpeg(photo((333, 221)), orientation=orientation)
+    fast, full, fast_info, full_info = fast_and_full(data, size=50, resize=resize)
+    assert fast.size == full.size and fast_info == full_info
+    assert (fast_info["width"], fast_info["height"]) == ((221, 333) if orientation >= 5 else (333, 221))
+    assert psnr(fast, full) >= 40
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_rotated_jpeg_decoded_reduced_comes_out_upright(orientation):
+    stored = halves((400, 200), RED, BLUE, vertical=False)    # red top, blue bottom
+    assert _decode(jpeg(stored, orientation), ImageConfig(size=40, resize="max_side")).img.size == (50, 100)
+    fast, full, info, _ = fast_and_full(jpeg(stored, orientation), size=40, resize="max_side")
+    assert fast.size == full.size == (20, 40) and (info["width"], info["height"]) == (200, 400)
+    left, right = np.asarray(fast)[20, 2], np.asarray(fast)[20, 17]
+    # 6 turns clockwise: the old bottom (blue) on the left; 8 counter-clockwise: on the right
+    blue, red = (left, right) if orientation == 6 else (right, left)
+    assert blue[2] > 200 and blue[0] < 60 and red[0] > 200 and red[2] < 60
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_greyscale_and_cmyk_jpegs_decode_reduced_in_their_own_mode(mode):
+    data = jpeg(photo((320, 240)).convert(mode))
+    decoded = _decode(data, ImageConfig(size=40))
+    assert decoded.img.mode == mode and decoded.img.size == (80, 60)   # scale 1/4, mode kept
+    fast, full, fast_info, _ = fast_and_full(data, size=40)
+    assert fast.mode == "RGB" and fast_info["mode"] == mode and psnr(fast, full) >= 40
+    if mode == "L":
+        r, g, b = np.asarray(fast).transpose(2, 0, 1)
+        assert (r == g).all() and (g == b).all()
+
+
+def test_progressive_jpeg_decodes_reduced():
+    data = jpeg(photo((320, 240)), progressive=True)
+    assert _decode(data, ImageConfig(size=40)).img.size == (80, 60)
+    fast, full, _, _ = fast_and_full(data, size=40)
+    assert psnr(fast, full) >= 40
+
+
+def test_mpo_decodes_reduced():
+    buf = io.BytesIO()
+    photo((320, 240)).save(buf, "MPO", save_all=True, append_images=[photo((320, 240), seed=1)], quality=90)
+    decoded = _decode(buf.getvalue(), ImageConfig(size=40))
+    assert decoded.format == "MPO" and decoded.img.size == (80, 60)
+    fast, full, _, _ = fast_and_full(buf.getvalue(), size=40)
+    assert psnr(fast, full) >= 40
+
+
+@pytest.mark.parametrize("resize, size, decoded", [
+    # shorter_side_crop: the largest of 1/8, 1/4, 1/2 leaving the shorter side >= 1.5 x 64 = 96
+    # (sides round up), so the scale changes at 3x, 6x and 12x the output side
+    ("shorter_side_crop", (192, 250), (96, 125)),     # 3x: half size
+    ("shorter_side_crop", (191, 250), (191, 250)),    # 3x - 1: full size
+    ("shorter_side_crop", (384, 500), (96, 125)),     # 6x: a quarter
+    ("shorter_side_crop", (500, 383), (250, 192)),    # 6x - 1: half
+    ("shorter_side_crop", (770, 768), (97, 96)),      # 12x: an eighth, the smallest scale
+    ("shorter_side_crop", (1000, 767), (250, 192)),   # 12x - 1: a quarter
+    # letterbox and max_side: the longer side >= 96
+    ("letterbox", (192, 60), (96, 30)),
+    ("letterbox", (60, 191), (60, 191)),
+    ("max_side", (100, 768), (13, 96)),
+    ("max_side", (100, 767), (25, 192)),
+])
+def test_dct_scale_is_the_smallest_covering_one_and_a_half_times_the_output(resize, size, decoded):
+    data = jpeg(photo(size))
+    assert _decode(data, ImageConfig(size=64, resize=resize)).img.size == decoded
+    fast, full, fast_info, full_info = fast_and_full(data, size=64, resize=resize)
+    assert fast.size == full.size and fast_info == full_info
+    assert psnr(fast, full) >= 40     # inf where nothing was reduced
+
+
+@pytest.mark.parametrize("resize, size", [
+    ("shorter_side_crop", (12, 9)),       # tiny: upscaled
+    ("shorter_side_crop", (150, 100)),    # over the output, under 3x it
+    ("letterbox", (120, 150)),
+    ("max_side", (63, 40)),               # under size: kept as it is
+])
+def test_small_jpegs_are_decoded_at_full_size_giving_the_same_bytes(resize, size):
+    data = jpeg(photo(size))
+    assert _decode(data, ImageConfig(size=64, resize=resize)).img.size == size
+    fast, full, _, _ = fast_and_full(data, size=64, resize=resize)
+    assert fast.tobytes() == full.tobytes()
+
+
+def test_dct_scale_keeps_a_row_for_very_thin_images():
+    data = jpeg(photo((900, 3)))     # longer side 14x the output, but 1/8 or 1/4 would leave under a row
+    assert _decode(data, ImageConfig(size=64, resize="max_side")).img.size == (450, 2)
+    fast, full, fast_info, full_info = fast_and_full(data, size=64, resize="max_side")
+    assert fast.size == full.size == (64, 1) and fast_info == full_info
+
+
+def test_info_keeps_the_original_size():
+    data = jpeg(photo((400, 300)), orientation=6)
+    assert _decode(data, ImageConfig(size=32)).img.size == (75, 100)   # a quarter, rotated
+    _, info = run(data, size=32)
+    assert info == {"width": 300, "height": 400, "mode": "RGB", "format": "JPEG", "out_width": 32, "out_height": 32}
+
+
+def test_size_guards_use_the_full_header_size_before_reduced_decoding():
+    data = jpeg(photo((400, 300)))
+    with pytest.raises(SampleError) as e:
+        encode_image(data, ImageConfig(size=32, max_pixels=119_999))
+    assert e.value.reason == "image_too_large" and "400x300 = 120000 pixels" in str(e.value)
+    encode_image(data, ImageConfig(size=32, max_pixels=120_000))
+    # decoded at 1/4 the smaller side is 75; min_side still sees 300
+    encode_image(data, ImageConfig(size=32, min_side=300))
+    assert reason_of(data, size=32, min_side=301) == "image_too_small"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_other_formats_box_reduce_first_when_shrinking_3x_or_more(fmt):
+    data = file_bytes(photo((400, 300)), fmt)
+    fast, full, fast_info, full_info = fast_and_full(data, size=64)     # 4.7x: reduced by 3 first
+    assert fast.size == full.size and fast_info == full_info
+    assert fast.tobytes() != full.tobytes() and psnr(fast, full) >= 40
+    fast, full, _, _ = fast_and_full(data, size=101)                    # under 3x: one bicubic, as before
+    assert fast.tobytes() == full.tobytes()
+
+
+# sha256[:16] of encode_image's jpg output with fast_downscale off, recorded from mm before
+# fast_downscale existed (processing version 4): switching it off must give those bytes exactly.
+# Like tests/test_golden.py, they hold for the Pillow that pip resolves (its libjpeg encodes them).
+TODAYS_BYTES = [
+    ("jpeg, orientation 6", "shorter_side_crop", "912d61c4200e450f"),
+    ("jpeg, orientation 6", "letterbox", "93abbb568a469855"),
+    ("jpeg, orientation 6", "max_side", "ce1c585dadf36c03"),
+    ("cmyk jpeg", "shorter_side_crop", "8a05003f880515a4"),
+    ("png", "letterbox", "76b8363e60e9beae"),
+]
+
+
+@pytest.mark.parametrize("what, resize, digest", TODAYS_BYTES)
+def test_fast_downscale_off_gives_the_bytes_of_full_decoding(what, resize, digest):
+    img = photo((333, 221))
+    data = {"jpeg, orientation 6": lambda: jpeg(img, orientation=6), "cmyk jpeg": lambda: jpeg(img.convert("CMYK")),
+            "png": lambda: file_bytes(img)}[what]()
+    off = encode_image(data, ImageConfig(size=48, resize=resize, fast_downscale=False))[0]["jpg"]
+    assert hashlib.sha256(off).hexdigest()[:16] == digest
+    assert encode_image(data, ImageConfig(size=48, resize=resize))[0]["jpg"] != off
+
+
+def test_fast_downscale_is_part_of_the_fingerprint(tmp_path):
+    from mmdata.config import load_config
+    from mmdata.prep.config import PreprocessConfig
+    from mmdata.prep.pipeline import job_salt
+    salts = {job_salt(load_config(PreprocessConfig, None, [f"input.manifest={tmp_path}/m.jsonl",
+                                                          f"image.fast_downscale={on}"]), b"tok", None)
+             for on in ("true", "false")}
+    assert len(salts) == 2
+
+
 # --- config -------------------------------------------------------------------
 
 def test_defaults_validate():
@@ -296,6 +504,7 @@ def test_defaults_validate():
     ("size", 0), ("resize", "stretch"), ("format", "gif"), ("quality", 0), ("quality", 101),
     ("background", [255, 255]), ("background", [0, 0, 256]), ("pad_color", [0, -1, 0]),
     ("pad_color", [0.5, 0, 0]), ("max_pixels", 0), ("min_side", 0), ("on_error", "ignore"),
+    ("fast_downscale", "yes"), ("fast_downscale", 1),
 ])
 def test_validate_rejects_impossible_values_naming_the_field(key, value):
     with pytest.raises(ConfigError) as e:
