@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 # Imported on first use, as in mmdata: importing the package costs nothing.
 _EXPORTS = {
     "train": "mmtrain.trainer",
-    "TrainingError": "mmtrain.trainer",
-    "DataError": "mmtrain.trainer",
-    "Interrupted": "mmtrain.trainer",
+    "TrainingError": "mmtrain.failures",
+    "DataError": "mmtrain.failures",
+    "Interrupted": "mmtrain.failures",
     "ExperimentConfig": "mmtrain.config",
     "ModelConfig": "mmtrain.model",
     "FusionModel": "mmtrain.model",

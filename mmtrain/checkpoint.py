@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mmdata.config import ConfigError
+from mmdata.schema import one_line
 from mmdata.storage import temp_path
 
 FORMAT_VERSION = 1
@@ -98,7 +99,10 @@ def load_latest(run_dir: str | Path, warn=None, move_bad: bool = False,
             if missing:
                 raise ValueError(f"it has no {', '.join(missing)}")
         except Exception as e:  # noqa: BLE001 - whatever is wrong with the files, this one is unusable
-            bad.append((path, one_line(e)))
+            # the type says what failed when the message alone does not (JSONDecodeError, UnpicklingError)
+            name = type(e).__name__
+            text = one_line(e, 200 - len(name) - 2)
+            bad.append((path, text if text == name else f"{name}: {text}"))
             continue
         for old, reason in bad:
             moved = set_aside(old) if move_bad else None
@@ -126,8 +130,3 @@ def set_aside(path: Path) -> Path | None:
         return None
     return target
 
-
-def one_line(e: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from mmdata.config import ConfigError
     from mmdata.dataset import DatasetError
-    from mmtrain.trainer import DataError, TrainingError
+    from mmtrain.failures import DataError, TrainingError
     try:
         return args.run(args)
     except (ConfigError, DatasetError) as e:
@@ -71,7 +71,7 @@ def fail(e: BaseException | str, code: int) -> int:
 
 
 def interrupted(e: KeyboardInterrupt, training: bool) -> str:
-    from mmtrain.trainer import Interrupted
+    from mmtrain.failures import Interrupted
     if not training:
         return "interrupted; nothing was changed"
     if not isinstance(e, Interrupted) or e.step is None:
@@ -142,15 +142,15 @@ def lost_peer(e: RuntimeError) -> bool:
 def run_eval(args) -> int:
     from pathlib import Path
 
-    from mmdata.config import load_config
+    from mmdata.config import ConfigError, load_config
+    from mmdata.schema import one_line
     from mmtrain import checkpoint
     from mmtrain.config import ExperimentConfig
     from mmtrain.data import dataset_facts, resolve_dataset
     from mmtrain.distributed import setup
     from mmtrain.evaluate import format_metrics
+    from mmtrain.report import warn
     from mmtrain.trainer import build_model, evaluate
-    from mmdata.config import ConfigError
-    from mmtrain.trainer import first_line, warn
     if not Path(args.run_dir).is_dir():
         what = "is not a directory" if Path(args.run_dir).exists() else "does not exist"
         raise ConfigError("", f"run directory {args.run_dir} {what}")
@@ -167,7 +167,7 @@ def run_eval(args) -> int:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise ConfigError("", f"checkpoint {path} does not fit the model {args.run_dir}/config.yaml describes "
-                          f"({first_line(e)}); was config.yaml edited?") from None
+                          f"({one_line(e)}); was config.yaml edited?") from None
     model.to(d.device)
     print(f"checkpoint {path} (step {meta.get('step')})")
     print(format_metrics(evaluate(model, config, dataset, d.device, shown=[])))

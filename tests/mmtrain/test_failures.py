@@ -18,8 +18,8 @@ from helpers import experiment_config
 from mmdata.config import ConfigError, to_dict
 from mmdata.dataset import DatasetError
 from mmtrain import checkpoint
-from mmtrain.trainer import (StopRequest, check_same_settings, loader_reason, nan_message, skipped_sample,
-                             trim_metrics, worker_failure)
+from mmtrain.failures import StopRequest, loader_reason, nan_message, skipped_sample, worker_failure
+from mmtrain.resume import check_same_settings, trim_metrics
 
 
 def save(run_dir, step: int, state: dict | None = None) -> None:
