@@ -23,11 +23,14 @@ import functools
 import io
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
+
+if TYPE_CHECKING:   # imported where used: importing this module (AudioConfig) must not pay ~1 s for torch
+    import torch
+    import torchaudio
 
 from mmdata.config import require, require_choice
 from mmdata.schema import FLAC, MEL, SampleError
@@ -190,6 +193,7 @@ def _read_mono(f: sf.SoundFile, limit: int) -> np.ndarray:
 
 
 def _resample(mono: np.ndarray, rate: int, target: int) -> torch.Tensor:
+    import torch
     wave = torch.from_numpy(mono)
     if rate == target:
         return wave
@@ -201,11 +205,13 @@ def _resample(mono: np.ndarray, rate: int, target: int) -> torch.Tensor:
 def _resampler(rate: int, target: int) -> torchaudio.transforms.Resample:
     """One Resample per rate pair: it builds its sinc kernel once, where functional.resample
     rebuilds it on every call (same default parameters, so the same output)."""
+    import torchaudio
     return torchaudio.transforms.Resample(rate, target)
 
 
 def _fit_length(wave: torch.Tensor, config: AudioConfig) -> torch.Tensor:
     """Keep the start up to max_seconds; with ``pad``, zero-fill to exactly max_seconds."""
+    import torch
     n = _max_samples(config)
     wave = wave[:n]
     if config.pad and wave.numel() < n:
@@ -215,6 +221,7 @@ def _fit_length(wave: torch.Tensor, config: AudioConfig) -> torch.Tensor:
 
 def _log_mel(wave: torch.Tensor, config: AudioConfig) -> np.ndarray:
     """float16 [n_mels, 1 + samples // hop_length] log-mel power spectrogram."""
+    import torch
     # Centred frames reflect-pad n_fft//2 samples at each end, which needs more
     # samples than that; a shorter clip has no meaningful spectrum anyway.
     need = config.n_fft // 2 + 1
@@ -238,6 +245,7 @@ def _log_mel(wave: torch.Tensor, config: AudioConfig) -> np.ndarray:
 def _mel_transform(sample_rate: int, n_fft: int, win_length: int | None, hop_length: int,
                    f_min: float, f_max: float | None, n_mels: int) -> torchaudio.transforms.MelSpectrogram:
     """One transform per distinct config: building the filterbank and window costs more than a clip."""
+    import torchaudio
     return torchaudio.transforms.MelSpectrogram(
         sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length,
         f_min=f_min, f_max=f_max, n_mels=n_mels, power=2.0, center=True)

@@ -1,12 +1,16 @@
 """Executors: run the same partition function in-process or on Ray; they differ only in scheduling.
 
-    executor = make_executor(config.ray)
-    executor.start()                          # Ray: connect or start, warm one worker per CPU
+    executor = make_executor(config.ray, samples, largest)   # auto: by the work left to build
+    executor.start(modalities)                # Ray: connect or start, warm one worker per CPU
     for summary in executor.run(job, partitions): ...   # as partitions finish
 
-The driver streams partitions from the input and the Ray executor keeps at
-most ``max_in_flight`` of them submitted, so the driver's memory does not
-grow with the input. Results come back as small typed summaries.
+The driver checks the store itself first (pipeline.ReuseCheck), so an
+executor gets only partitions to build, and none is made when there are
+none. ``auto`` (the default) runs in-process unless the work is worth Ray's
+start-up (``ray.auto_min_samples``) or a cluster is named. The driver
+streams partitions from the input and the Ray executor keeps at most
+``max_in_flight`` of them submitted, so the driver's memory does not grow
+with the input. Results come back as small typed summaries.
 """
 
 from __future__ import annotations
@@ -22,39 +26,49 @@ from tqdm import tqdm
 from mmdata.prep.config import RayConfig
 from mmdata.prep.partition import Job, PartitionSummary, run_partition
 from mmdata.prep.sources import Record
+from mmdata.schema import MODALITIES
 
-Partitions = Iterable[tuple[int, list[Record], set[int]]]
+# (k, records, duplicates) or (k, records, duplicates, fingerprint): the fingerprint when the driver checked the
+# store for it already (None or absent: the task fingerprints the rows itself)
+Partitions = Iterable[tuple[int, list[Record], set[int]] | tuple[int, list[Record], set[int], str | None]]
+# What a Ray worker imports before its first partition, by the modalities the job has: audio's torch is most of it
+WARM_IMPORTS = {"text": ("sentencepiece",), "image": ("PIL.Image",), "audio": ("torch", "torchaudio")}
 
 
 class Executor(Protocol):
-    def start(self) -> None:
-        """Get ready to run partitions (timed apart from the partitions themselves)."""
+    name: str
+
+    def start(self, modalities: Iterable[str] = MODALITIES) -> None:
+        """Get ready to run partitions of these modalities (timed apart from the partitions themselves)."""
 
     def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
         """Run every partition; yield each summary as it finishes (in any order)."""
 
 
 class SerialExecutor:
-    """In this process, one partition after another: for debugging and for jobs too small to pay for Ray."""
+    """In this process, one partition after another: small jobs (no start-up to pay) and debugging."""
+    name = "serial"
 
-    def start(self) -> None:
+    def start(self, modalities: Iterable[str] = MODALITIES) -> None:
         pass
 
     def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
-        for k, records, duplicates in partitions:
-            yield run_partition(job, k, records, duplicates)
+        for partition in partitions:
+            yield run_partition(job, *partition)
 
 
 class RayExecutor:
     """One Ray task per partition on a local instance or an existing cluster, a bounded number in flight."""
+    name = "ray"
 
     def __init__(self, config: RayConfig):
         self.config = config
 
-    def start(self) -> None:
+    def start(self, modalities: Iterable[str] = MODALITIES) -> None:
         ray = init_ray(self.config)
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        ray.get([ray.remote(warm_worker).options(num_cpus=1).remote() for _ in range(cpus)])
+        modules = ["mmdata.prep.partition", *(m for modality in modalities for m in WARM_IMPORTS[modality])]
+        ray.get([ray.remote(warm_worker).options(num_cpus=1).remote(modules) for _ in range(cpus)])
 
     def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
         ray = init_ray(self.config)
@@ -63,8 +77,8 @@ class RayExecutor:
         task = ray.remote(run_partition_on_node).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
         pending = []
         try:
-            for k, records, duplicates in partitions:
-                pending.append(task.remote(job_ref, k, records, duplicates))
+            for partition in partitions:
+                pending.append(task.remote(job_ref, *partition))
                 while len(pending) >= limit:
                     ready, pending = ray.wait(pending, num_returns=1)
                     yield task_result(ray, ready[0])
@@ -72,6 +86,8 @@ class RayExecutor:
                 ready, pending = ray.wait(pending, num_returns=1)
                 yield task_result(ray, ready[0])
         finally:   # an error or an interrupt: the partitions still queued or running are not wanted
+            if pending:   # not those already finished: cancelling a task as its reply arrives crashes Ray's driver
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
             for ref in pending:
                 ray.cancel(ref, force=True)
 
@@ -86,34 +102,77 @@ def task_result(ray, ref) -> PartitionSummary:
         raise
 
 
-def make_executor(config: RayConfig) -> Executor:
-    return SerialExecutor() if config.executor == "serial" else RayExecutor(config)
+def make_executor(config: RayConfig, samples: int | None = None, largest: int = 0) -> Executor:
+    """``serial`` and ``ray`` as named; ``auto`` by the work to build (:func:`worth_ray`): ``samples`` in
+    partitions of at most ``largest`` samples (None, work not counted: Ray)."""
+    if config.executor == "serial" or (config.executor == "auto" and samples is not None
+                                       and not worth_ray(config, samples, largest)):
+        return SerialExecutor()
+    return RayExecutor(config)
+
+
+def worth_ray(config: RayConfig, samples: int, largest: int) -> bool:
+    """``auto``'s rule. A cluster (``ray.address`` or RAY_ADDRESS) always gets the work. A local instance costs
+    a start-up (~5 s: Ray's processes, one warmed worker per core) and saves the samples that no longer wait for
+    one core: all but the longest queue, which is the largest partition or an even share per core. Ray when that
+    saving reaches ``ray.auto_min_samples``, the samples whose in-process processing takes as long as Ray's
+    start-up (docs/preprocessing.md: how it was measured). 0: Ray whenever there is work."""
+    if ray_address(config):
+        return True
+    cpus = config.num_cpus or os.cpu_count() or 1
+    return samples - max(largest, samples / cpus) >= config.auto_min_samples
+
+
+def executor_settled(config: RayConfig, partitions: int, samples: int, largest: int) -> bool:
+    """Whether the work to build found so far (``partitions`` holding ``samples``, at most ``largest`` each)
+    settles the executor, whatever else the input holds: the first partition does for ``serial``, ``ray``, a
+    cluster or a single core; ``auto`` looks on until Ray is worth it (holding the rows of at most about
+    twice its threshold plus a partition) or the input ends (then it knows all the work)."""
+    if not partitions:
+        return False
+    cpus = config.num_cpus or os.cpu_count() or 1
+    return config.executor != "auto" or cpus < 2 or worth_ray(config, samples, largest)
 
 
 def run_with_progress(executor: Executor, job: Job, partitions: Partitions, total_rows: int,
-                      progress: bool) -> list[PartitionSummary]:
-    """Every partition's summary, ordered by partition number, with a bar of samples and errors."""
-    summaries, errors = [], 0
+                      progress: bool, reused: list[PartitionSummary] | None = None) -> list[PartitionSummary]:
+    """Every partition's summary, ordered by partition number, with a bar of samples and errors. ``reused``:
+    summaries the caller found in the store (before and while the executor runs); they are counted and
+    returned too."""
+    summaries, errors, counted = [], 0, 0
+    reused = [] if reused is None else reused
     with tqdm(total=total_rows, unit="sample", disable=not progress, dynamic_ncols=True,
               desc="preprocess", smoothing=0.1) as bar:
+
+        def update(samples: int) -> None:
+            nonlocal counted
+            bar.update(samples + sum(s.totals.samples_in for s in reused[counted:]))
+            counted = len(reused)
+
+        update(0)
         for summary in executor.run(job, partitions):
             summaries.append(summary)
             errors += sum(summary.totals.errors_by_reason.values())
-            bar.update(summary.totals.samples_in)
+            update(summary.totals.samples_in)
             bar.set_postfix(errors=errors, reused=summary.reused, refresh=False)
-    return sorted(summaries, key=lambda s: s.partition)
+        update(0)
+    return sorted(summaries + reused, key=lambda s: s.partition)
 
 
-def run_partition_on_node(job: Job, k: int, records: list[Record], duplicates: set[int]) -> PartitionSummary:
+def run_partition_on_node(job: Job, k: int, records: list[Record], duplicates: set[int],
+                          fingerprint: str | None = None) -> PartitionSummary:
     """run_partition, plus which Ray node ran it (for the run summary)."""
     import ray
-    return replace(run_partition(job, k, records, duplicates), node=ray.get_runtime_context().get_node_id())
+    return replace(run_partition(job, k, records, duplicates, fingerprint),
+                   node=ray.get_runtime_context().get_node_id())
 
 
-def warm_worker() -> int:
-    """Import the processing stack (torch, torchaudio, Pillow...) so the first partition does not pay for it."""
+def warm_worker(modules: list[str]) -> int:
+    """Import the processing stack the job needs (torch and torchaudio for audio, Pillow, SentencePiece), so
+    the first partition does not pay for it."""
     import importlib
-    importlib.import_module("mmdata.prep.partition")
+    for module in modules:
+        importlib.import_module(module)
     return os.getpid()
 
 

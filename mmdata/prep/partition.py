@@ -12,6 +12,7 @@ its ``summary.json`` exists; it is written last.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -114,17 +115,45 @@ def file_identity(ref: str | bytes | None, job: Job) -> Any:
         return [ref, e.reason]
 
 
-def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int]) -> PartitionSummary:
-    """Reuse or build partition ``k``; ``reused`` in the summary says which."""
-    import torch
-    torch.set_num_threads(1)  # one task per core: intra-op threads would oversubscribe
-    fingerprint = partition_fingerprint(job, k, records)
+def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int],
+                  fingerprint: str | None = None) -> PartitionSummary:
+    """Reuse or build partition ``k``; ``reused`` in the summary says which. ``fingerprint``: the rows'
+    fingerprint when the caller has computed it already (the driver's reuse check)."""
+    fingerprint = fingerprint or partition_fingerprint(job, k, records)
     result = storage.join(job.store, fingerprint)
     options = job.config.output.storage_options
-    stored = stored_summary(result, options)
+    stored = stored_summary(result, options)   # checked again: another run may have finished it meanwhile
     if stored is not None:
         return replace(stored, reused=True)
     start = time.perf_counter()
+    with one_torch_thread(any(r.audio is not None for r in records)):
+        summary = store_partition(job, k, fingerprint, records, duplicates, result)
+    summary = replace(summary, seconds=round(time.perf_counter() - start, 3))
+    storage.write_json(storage.join(result, SUMMARY), summary.to_json(), options)
+    return summary
+
+
+@contextlib.contextmanager
+def one_torch_thread(audio: bool):
+    """One torch thread while a partition is built (one task per core: intra-op threads would oversubscribe),
+    the caller's setting restored after (in-process runs share the process with, say, a trainer). torch is
+    imported only for partitions with audio: nothing else uses it."""
+    if not audio:
+        yield
+        return
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def store_partition(job: Job, k: int, fingerprint: str, records: list[Record], duplicates: set[int],
+                    result: str) -> PartitionSummary:
+    """Build partition ``k`` into the store folder ``result`` (staged locally and uploaded for URLs)."""
+    options = job.config.output.storage_options
     if storage.is_local(result):
         summary = build_partition(job, k, fingerprint, records, duplicates, storage.local_path(result))
     else:
@@ -133,8 +162,6 @@ def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int])
             for path in sorted(Path(staging).rglob("*")):
                 if path.is_file():
                     storage.upload(path, storage.join(result, str(path.relative_to(staging))), options)
-    summary = replace(summary, seconds=round(time.perf_counter() - start, 3))
-    storage.write_json(storage.join(result, SUMMARY), summary.to_json(), options)
     return summary
 
 

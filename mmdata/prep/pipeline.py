@@ -2,8 +2,10 @@
 
     scan (driver, streaming): row count, duplicate ids, label names, tokenizer texts
     tokenizer: given .model or trained on the scanned texts
-    partitions: rows [k*N, (k+1)*N) -> one task each, in-process or on Ray (executor.py)
-        task: fingerprint rows -> reuse <root>/.store/<fp>/ or build it (partition.py)
+    fingerprint (driver): rows [k*N, (k+1)*N) = partition k -> fingerprint -> in <root>/.store/<fp>/? reuse it
+    partitions: those not in the store -> one task each, in-process or on Ray (executor.py; auto: by the
+        work left, so a rerun with nothing to build starts no executor and imports neither torch nor Ray)
+        task: build <root>/.store/<fp>/ (partition.py)
     assemble: hard-link every partition's shards + index into <root>/<name>-<fp>/,
         concatenate errors, write the tokenizer, then dataset.json (= complete)
 
@@ -18,20 +20,22 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from mmdata import storage
 from mmdata.config import ConfigError, to_dict
 from mmdata.dataset import TokenizerInfo, Totals, dataset_dir, description_json
 from mmdata.prep.config import OutputConfig, PreprocessConfig
-from mmdata.prep.executor import make_executor, run_with_progress
+from mmdata.prep.executor import executor_settled, make_executor, run_with_progress
 from mmdata.prep.inputs import ReadSettings, read_input
-from mmdata.prep.partition import Job, PartitionSummary, files_intact, label_key
+from mmdata.prep.partition import Job, PartitionSummary, files_intact, label_key, partition_fingerprint, stored_summary
 from mmdata.prep.sources import Record, check_readable, iter_records
 from mmdata.prep.text import check_text, load_tokenizer, train_tokenizer
-from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, PROCESSING_VERSION, TOKENIZER_FILE,
-                           SampleError, id_hash, index_name, without_addresses)
+from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, MODALITIES, PROCESSING_VERSION,
+                           TOKENIZER_FILE, SampleError, id_hash, index_name, without_addresses)
 
 STORE = ".store"
 MAX_TOKENIZER_BYTES = 256 << 20   # SentencePiece models are a few MB; anything this big is not one
@@ -44,6 +48,7 @@ class Scan:
     labels: set[str] = field(default_factory=set)       # distinct labels, as text
     named_labels: bool = False                           # some label is not an integer
     texts: list[str] = field(default_factory=list)       # tokenizer training texts
+    modalities: set[str] = field(default_factory=set)    # the modalities some row has (what workers import)
 
 
 @dataclass
@@ -56,7 +61,9 @@ class Result:
     partitions_built: int
     seconds: float
     nodes: int = 1                  # Ray nodes that ran partitions
-    phases: dict = field(default_factory=dict)  # seconds per phase: scan, tokenizer, startup, partitions, assemble
+    phases: dict = field(default_factory=dict)  # seconds per phase: scan, tokenizer, fingerprint, startup,
+    #                                             partitions, assemble
+    executor: str = "none"          # what built the partitions the store lacked: serial, ray, or none (no work)
 
     @property
     def error_rate(self) -> float:
@@ -74,6 +81,8 @@ def scan_input(config: PreprocessConfig) -> Scan:
             scan.duplicates.add(record.row)
             continue
         seen.add(digest)
+        if len(scan.modalities) < len(MODALITIES):
+            scan.modalities.update(m for m in MODALITIES if getattr(record, m) is not None)
         key = scan_label(record.label)
         if key is not None:
             scan.labels.add(str(key))
@@ -133,6 +142,80 @@ def iter_partitions(config: PreprocessConfig, scan: Scan) -> Iterator[tuple[int,
         yield k, batch, {r.row for r in batch if r.row in scan.duplicates}
 
 
+CHECK_THREADS = 8   # partitions fingerprinted at once by the driver (a stat, a metadata request or a hash per file)
+
+
+class ReuseCheck:
+    """The driver's reuse check: each partition fingerprinted (its rows, its files' identities, the job's salt)
+    and looked up in the store, in input order, a few partitions ahead on threads.
+
+    Partitions found are collected in ``reused``; iterating yields the others, ``(k, records, duplicates,
+    fingerprint)``, for an executor. ``look_ahead`` checks until the work found settles the choice of executor
+    (holding that work's rows meanwhile); ``stop_checking`` hands the rest over unchecked (fingerprint None:
+    each Ray task fingerprints its own rows, in parallel across the cluster).
+    """
+
+    def __init__(self, job: Job, partitions: Iterator[tuple[int, list[Record], set[int]]]):
+        self.job, self.partitions = job, partitions
+        self.reused: list[PartitionSummary] = []   # found finished in the store
+        self.count = self.samples = self.largest = 0   # partitions found missing so far, their samples, the most in one
+        self.missing: deque = deque()              # checked, missing, not yet handed out
+        self.ahead: deque = deque()                # (partition, future of its check), in input order
+        self.checking, self.done = True, False
+        self.pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="mmdata-check")
+
+    def __enter__(self) -> "ReuseCheck":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def look_ahead(self, settled: Callable[[], bool]) -> None:
+        """Check until ``settled()`` (asked after each partition) or the input ends."""
+        while not self.done and self.checking and not settled():
+            self.check_next()
+
+    def stop_checking(self) -> None:
+        self.checking = False
+
+    def check_next(self) -> None:
+        while self.checking and len(self.ahead) < 2 * CHECK_THREADS:
+            partition = next(self.partitions, None)
+            if partition is None:
+                break
+            self.ahead.append((partition, self.pool.submit(check_partition, self.job, *partition[:2])))
+        if not self.ahead:
+            self.done = self.done or self.checking
+            return
+        partition, future = self.ahead.popleft()
+        fingerprint, stored = future.result()
+        if stored is not None:
+            self.reused.append(replace(stored, reused=True))
+        else:
+            self.missing.append((*partition, fingerprint))
+            self.count, self.samples = self.count + 1, self.samples + len(partition[1])
+            self.largest = max(self.largest, len(partition[1]))
+
+    def __iter__(self) -> Iterator[tuple[int, list[Record], set[int], str | None]]:
+        while True:
+            while self.missing:
+                yield self.missing.popleft()
+            if self.done:
+                return
+            if self.checking or self.ahead:
+                self.check_next()
+            else:
+                for partition in self.partitions:
+                    yield (*partition, None)
+                self.done = True
+
+
+def check_partition(job: Job, k: int, records: list[Record]) -> tuple[str, PartitionSummary | None]:
+    """Partition ``k``'s fingerprint, and its finished result in the store if there is one."""
+    fingerprint = partition_fingerprint(job, k, records)
+    return fingerprint, stored_summary(storage.join(job.store, fingerprint), job.config.output.storage_options)
+
+
 def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> Result:
     """Run the whole job; see the module docstring. Raises ConfigError before any work."""
     start = time.perf_counter()
@@ -146,12 +229,23 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     salt = job_salt(config, tokenizer, labels)
     job = Job(config, tokenizer, labels, salt, storage.join(config.output.root, STORE))
     phases["tokenizer"] = time.perf_counter() - start - phases["scan"]
-    executor = make_executor(config.ray)
     mark = time.perf_counter()
-    executor.start()
-    phases["startup"] = time.perf_counter() - mark
-    summaries = run_with_progress(executor, job, iter_partitions(config, scan), scan.rows, config.progress)
-    phases["partitions"] = time.perf_counter() - mark - phases["startup"]
+    with ReuseCheck(job, iter_partitions(config, scan)) as check:
+        check.look_ahead(lambda: executor_settled(config.ray, check.count, check.samples, check.largest))
+        phases["fingerprint"] = time.perf_counter() - mark
+        phases["startup"] = phases["partitions"] = 0.0
+        executor = None
+        if check.count:   # something to build: only now is an executor chosen and started
+            executor = make_executor(config.ray, check.samples, check.largest)
+            mark = time.perf_counter()
+            executor.start(sorted(scan.modalities))
+            phases["startup"] = time.perf_counter() - mark
+            if executor.name == "ray":   # Ray's tasks fingerprint the rest themselves, in parallel
+                check.stop_checking()
+            summaries = run_with_progress(executor, job, check, scan.rows, config.progress, check.reused)
+            phases["partitions"] = time.perf_counter() - mark - phases["startup"]
+        else:
+            summaries = sorted(check.reused, key=lambda s: s.partition)
     mark = time.perf_counter()
     fingerprint = hashlib.sha256((salt + "".join(s.fingerprint for s in summaries)).encode()).hexdigest()[:16]
     dataset = dataset_dir(config.output.root, config.output.name, fingerprint)
@@ -168,9 +262,10 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     point_latest(config.output, dataset)
     phases["assemble"] = time.perf_counter() - mark
     n_reused = sum(s.reused for s in summaries)
-    nodes = len({s.node for s in summaries})
+    nodes = len({s.node for s in summaries if s.node}) or 1   # "": in this process
     return Result(dataset, fingerprint, reused, totals, n_reused, len(summaries) - n_reused,
-                  time.perf_counter() - start, nodes, {k: round(v, 3) for k, v in phases.items()})
+                  time.perf_counter() - start, nodes, {k: round(v, 3) for k, v in phases.items()},
+                  executor.name if executor else "none")
 
 
 def assemble(job: Job, dataset: str, fingerprint: str, summaries: list[PartitionSummary], totals: Totals,
