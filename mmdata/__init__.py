@@ -33,11 +33,16 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmdata' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A package's ``__getattr__`` and ``__dir__`` that import each exported name's module on first use."""
+    def getattr_(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(exports[name]), name)
+
+    def dir_() -> list[str]:
+        return sorted([*vars(importlib.import_module(package)), *exports])
+    return getattr_, dir_
 
 
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports("mmdata", _EXPORTS)

@@ -6,7 +6,7 @@
     metrics = train(load_config(ExperimentConfig, "pipelines/train.yaml"), setup())
 """
 
-import importlib
+from mmdata import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -21,13 +21,4 @@ _EXPORTS = {
     "FusionModel": "mmtrain.model",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmtrain' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports("mmtrain", _EXPORTS)
