@@ -1,6 +1,6 @@
 """``mmdata preprocess``: input -> partitions -> an executor's tasks -> dataset directory.
 
-    scan (driver, streaming): row count, duplicate ids, label names, tokenizer texts
+    scan (driver, streaming): row count, duplicate ids (duplicates.py), label names, tokenizer texts
     tokenizer: given .model or trained on the scanned texts
     fingerprint (driver): rows [k*N, (k+1)*N) = partition k -> fingerprint -> in <root>/.store/<fp>/? reuse it
     partitions: those not in the store -> one task each, in-process or on Ray (executor.py; auto: by the
@@ -20,15 +20,19 @@ import hashlib
 import json
 import os
 import time
+from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
+import numpy as np
+
 from mmdata import storage
 from mmdata.config import ConfigError, to_dict
 from mmdata.dataset import TokenizerInfo, Totals, dataset_dir, description_json
 from mmdata.prep.config import OutputConfig, PreprocessConfig
+from mmdata.prep.duplicates import DuplicateFinder, duplicates_between
 from mmdata.prep.executor import executor_settled, make_executor, run_with_progress
 from mmdata.prep.inputs import ReadSettings, read_input
 from mmdata.prep.partition import Job, PartitionSummary, files_intact, label_key, partition_fingerprint, stored_summary
@@ -44,7 +48,8 @@ MAX_TOKENIZER_BYTES = 256 << 20   # SentencePiece models are a few MB; anything 
 @dataclass
 class Scan:
     rows: int = 0
-    duplicates: set[int] = field(default_factory=set)   # rows repeating an earlier row's id
+    # the rows repeating an earlier row's id, sorted (int64: 8 bytes each, for inputs with millions of them)
+    duplicates: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     labels: set[str] = field(default_factory=set)       # distinct labels, as text
     named_labels: bool = False                           # some label is not an integer
     texts: list[str] = field(default_factory=list)       # tokenizer training texts
@@ -63,36 +68,90 @@ class Result:
     nodes: int = 1                  # Ray nodes that ran partitions
     phases: dict = field(default_factory=dict)  # seconds per phase: scan, tokenizer, fingerprint, startup,
     #                                             partitions, assemble
-    executor: str = "none"          # what built the partitions the store lacked: serial, ray, or none (no work)
+    executor: str = "none"          # what built the partitions the store lacked: serial, processes, ray, or none
 
     @property
     def error_rate(self) -> float:
         return self.totals.error_rate
 
 
+MODALITY_BITS = tuple((m, 1 << i) for i, m in enumerate(MODALITIES))   # a row's modalities as bits of its tag
+
+# texts sampled beyond text.train_samples, so that the sample is usually still full once duplicate rows' texts are
+# dropped (when not, the input is read again up to the texts missing)
+TEXT_SAMPLE_RESERVE = 0.1
+
+
 def scan_input(config: PreprocessConfig) -> Scan:
-    """One streaming pass; memory is 8 bytes per id plus the bounded tokenizer sample."""
-    scan, seen = Scan(), set()
+    """One streaming pass. Memory, whatever the row count: the duplicate finder's (duplicates.py: ~20 bytes
+    per row up to 4M rows, then temp files and one bucket at a time in memory; ~170 MB at most while
+    sorting), 8 bytes per duplicate row, the distinct labels and the tokenizer sample.
+
+    Which rows repeat an earlier id is known only at the end, yet what the scan collects comes from the rows
+    kept only, exactly as if duplicates were skipped: each row's label and modalities travel with its id as a
+    tag (only the kept rows' tags come back), and tokenizer texts are sampled from every row with a reserve
+    of TEXT_SAMPLE_RESERVE beyond text.train_samples, duplicate rows' texts dropped at the end (and, when
+    more than the reserve of them repeat an id, the rest read again: tokenizer_sample).
+    """
+    scan, label_numbers = Scan(), {}   # each distinct label key -> its number in the tags, from 1 (0: none)
+    sample_size = config.text.train_samples + int(config.text.train_samples * TEXT_SAMPLE_RESERVE)
+    sample_rows, sample_texts = array("q"), []   # the tokenizer sample, duplicate rows included
     want_texts = config.text.tokenizer is None
-    for record in iter_records(config.input):
-        scan.rows += 1
-        digest = id_hash(record.id)
-        if digest in seen:
-            scan.duplicates.add(record.row)
-            continue
-        seen.add(digest)
-        if len(scan.modalities) < len(MODALITIES):
-            scan.modalities.update(m for m in MODALITIES if getattr(record, m) is not None)
-        key = scan_label(record.label)
-        if key is not None:
-            scan.labels.add(str(key))
-            scan.named_labels |= isinstance(key, str)
-        if want_texts and record.text is not None and len(scan.texts) < config.text.train_samples:
+    with DuplicateFinder() as finder:
+        for record in iter_records(config.input):
+            scan.rows += 1
+            key = scan_label(record.label)
+            label = 0 if key is None else label_numbers.setdefault(key, len(label_numbers) + 1)
+            finder.add(id_hash(record.id), record.row, row_tag(label, record))
+            if want_texts and record.text is not None and len(sample_texts) < sample_size:
+                try:
+                    sample_texts.append(check_text(record.text))
+                    sample_rows.append(record.row)
+                except Exception:  # reported per sample later, by the partition that owns it
+                    pass
+        repeats = finder.finish()
+    scan.duplicates = repeats.rows
+    kept_labels = {tag >> len(MODALITIES) for tag in repeats.kept_tags}
+    keys = [key for key, number in label_numbers.items() if number in kept_labels]
+    scan.labels = {str(key) for key in keys}
+    scan.named_labels = any(isinstance(key, str) for key in keys)
+    scan.modalities = {m for m, bit in MODALITY_BITS if any(tag & bit for tag in repeats.kept_tags)}
+    if want_texts:
+        scan.texts = tokenizer_sample(config, sample_rows, sample_texts, len(sample_texts) == sample_size,
+                                      scan.duplicates)
+    return scan
+
+
+def row_tag(label: int, record: Record) -> int:
+    """What the scan needs of a row until it knows whether the row is kept: its label's number and one bit per
+    modality it has (a uint32: room for 2**29 distinct labels, far more than a driver could hold)."""
+    tag = label << len(MODALITIES)
+    for modality, bit in MODALITY_BITS:
+        if getattr(record, modality) is not None:
+            tag |= bit
+    return tag
+
+
+def tokenizer_sample(config: PreprocessConfig, rows: array, texts: list[str], full: bool,
+                     duplicates: np.ndarray) -> list[str]:
+    """The first text.train_samples valid texts of rows that are not duplicates, from the scan's sample
+    (``rows``, ``texts``: every row's until it was ``full``) and, when its duplicates leave it short, from
+    the rows after it, read again."""
+    wanted = config.text.train_samples
+    repeated = np.isin(np.frombuffer(rows, np.int64), duplicates)
+    kept = [text for text, repeat in zip(texts, repeated) if not repeat][:wanted]
+    if len(kept) < wanted and full:
+        after = rows[-1]
+        for record in iter_records(config.input):
+            if len(kept) == wanted:
+                break
+            if record.row <= after or record.text is None or duplicates_between(duplicates, record.row, record.row):
+                continue
             try:
-                scan.texts.append(check_text(record.text))
+                kept.append(check_text(record.text))
             except Exception:  # reported per sample later, by the partition that owns it
                 pass
-    return scan
+    return kept
 
 
 def scan_label(label) -> int | str | None:
@@ -132,14 +191,15 @@ def job_salt(config: PreprocessConfig, tokenizer: bytes, labels: dict | None) ->
 
 
 def iter_partitions(config: PreprocessConfig, scan: Scan) -> Iterator[tuple[int, list[Record], set[int]]]:
+    """(k, its records, its duplicate rows) per partition; a partition's rows are consecutive."""
     size, batch, k = config.output.samples_per_shard, [], 0
     for record in iter_records(config.input):
         batch.append(record)
         if len(batch) == size:
-            yield k, batch, {r.row for r in batch if r.row in scan.duplicates}
+            yield k, batch, duplicates_between(scan.duplicates, batch[0].row, record.row)
             batch, k = [], k + 1
-    if batch or k == 0:
-        yield k, batch, {r.row for r in batch if r.row in scan.duplicates}
+    if batch or k == 0:   # an empty input is one empty partition
+        yield k, batch, duplicates_between(scan.duplicates, batch[0].row, batch[-1].row) if batch else set()
 
 
 CHECK_THREADS = 8   # partitions fingerprinted at once by the driver (a stat, a metadata request or a hash per file)
@@ -238,7 +298,7 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
         if check.count:   # something to build: only now is an executor chosen and started
             executor = make_executor(config.ray, check.samples, check.largest)
             mark = time.perf_counter()
-            executor.start(sorted(scan.modalities))
+            executor.start(job, sorted(scan.modalities))
             phases["startup"] = time.perf_counter() - mark
             if executor.name == "ray":   # Ray's tasks fingerprint the rest themselves, in parallel
                 check.stop_checking()
