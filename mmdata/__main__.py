@@ -1,7 +1,5 @@
 """`python -m mmdata preprocess ...`."""
 
-import sys
+from mmdata.cli import entry
 
-from mmdata.cli import main
-
-sys.exit(main())
+entry()

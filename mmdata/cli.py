@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 import threading
@@ -49,6 +50,22 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def entry() -> None:
+    """The ``mmdata`` command: :func:`main`, then an exit that skips the interpreter's teardown once torch is
+    loaded (a run with audio), which costs 0.6-0.9 s there and does nothing a finished run needs: every file
+    is closed, the worker pool stopped, and Ray, if this process started it, is shut down first."""
+    code = main()
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    if "ray" in sys.modules:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -65,6 +82,8 @@ def interrupt(signum, frame) -> None:
 
 def describe_os_error(e: OSError) -> str:
     """One line: the path, what went wrong, what to do."""
+    if isinstance(e, ChildProcessError):   # a worker process died: the message says what to do
+        return str(e)
     where = f"{e.filename}: " if e.filename else ""
     what = e.strerror or str(e)
     advice = {errno.ENOSPC: "the disk is full; free space and rerun the same command (finished shards are kept)",
@@ -193,4 +212,4 @@ def run_show(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -37,14 +37,14 @@ class OutputConfig:
 
 @dataclass
 class RayConfig:
-    executor: str = "auto"          # auto (in-process for small jobs, Ray for large ones or a cluster) | ray | serial
+    executor: str = "auto"          # auto (Ray for a cluster; else in-process or local processes by size) | processes | ray | serial
     address: str | None = None      # an existing cluster ("auto", "ray://..." or host:port); env RAY_ADDRESS too
-    num_cpus: int | None = None     # local instance only; default: all cores
+    num_cpus: int | None = None     # local processes or Ray instance; default: all cores
     max_in_flight: int = 0          # partitions queued at once; 0 = 2 x cluster CPUs
-    auto_min_samples: int = 1000    # auto: Ray once it would take this many samples off one core (0: always)
+    auto_min_samples: int = 1000    # auto: local processes once they take this many samples off one core (0: always)
 
     def validate(self) -> None:
-        require_choice(self.executor, "executor", ("auto", "ray", "serial"))
+        require_choice(self.executor, "executor", ("auto", "processes", "ray", "serial"))
         require(self.num_cpus is None or self.num_cpus > 0, "num_cpus", f"must be positive; got {self.num_cpus}")
         require(self.max_in_flight >= 0, "max_in_flight", f"must be >= 0; got {self.max_in_flight}")
         require(self.auto_min_samples >= 0, "auto_min_samples", f"must be >= 0; got {self.auto_min_samples}")

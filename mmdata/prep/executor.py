@@ -1,16 +1,19 @@
-"""Executors: run the same partition function in-process or on Ray; they differ only in scheduling.
+"""Executors: run the same partition function in-process, on a pool of local processes, or on Ray; they
+differ only in scheduling.
 
-    executor = make_executor(config.ray, samples, largest)   # auto: by the work left to build
-    executor.start(modalities)                # Ray: connect or start, warm one worker per CPU
+    executor = make_executor(config.ray, samples, largest)   # auto: Ray for a cluster, else by the work left
+    executor.start(job, modalities)           # what the workers import before their first partition
     for summary in executor.run(job, partitions): ...   # as partitions finish
 
 The driver checks the store itself first (pipeline.ReuseCheck), so an
 executor gets only partitions to build, and none is made when there are
-none. ``auto`` (the default) runs in-process unless the work is worth Ray's
-start-up (``ray.auto_min_samples``) or a cluster is named. The driver
-streams partitions from the input and the Ray executor keeps at most
-``max_in_flight`` of them submitted, so the driver's memory does not grow
-with the input. Results come back as small typed summaries.
+none. ``auto`` (the default) sends the work to Ray when a cluster is named
+(``ray.address`` or RAY_ADDRESS); on one machine it runs in-process unless
+the work is worth a pool of processes (``ray.auto_min_samples``). A local
+Ray instance (``ray.executor=ray``) gives the same bytes, after seconds of
+start-up. The parallel executors keep at most ``max_in_flight`` partitions
+submitted, so the driver's memory does not grow with the input. Results
+come back as small typed summaries.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ WARM_IMPORTS = {"text": ("sentencepiece",), "image": ("PIL.Image",), "audio": ("
 class Executor(Protocol):
     name: str
 
-    def start(self, modalities: Iterable[str] = MODALITIES) -> None:
-        """Get ready to run partitions of these modalities (timed apart from the partitions themselves)."""
+    def start(self, job: Job, modalities: Iterable[str] = MODALITIES) -> None:
+        """Get ready to run the job's partitions of these modalities (timed apart from the partitions themselves)."""
 
     def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
         """Run every partition; yield each summary as it finishes (in any order)."""
@@ -49,12 +52,96 @@ class SerialExecutor:
     """In this process, one partition after another: small jobs (no start-up to pay) and debugging."""
     name = "serial"
 
-    def start(self, modalities: Iterable[str] = MODALITIES) -> None:
+    def start(self, job: Job, modalities: Iterable[str] = MODALITIES) -> None:
         pass
 
     def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
         for partition in partitions:
             yield run_partition(job, *partition)
+
+
+class ProcessExecutor:
+    """Local jobs on every core: a pool of this machine's processes (the standard library's
+    ProcessPoolExecutor), one partition per task, a bounded number in flight. It starts in well under a second
+    where a local Ray instance takes seconds; Ray remains the engine for clusters. Workers fork from a server
+    process that imported the job's processing stack once, ignore Ctrl-C (the driver stops them), and get the
+    job once, not with every task."""
+    name = "processes"
+
+    def __init__(self, config: RayConfig):
+        self.config = config
+        self.workers = config.num_cpus or os.cpu_count() or 1
+        self.pool = None
+
+    def start(self, job: Job, modalities: Iterable[str] = MODALITIES) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["mmdata.prep.partition",
+                                        *(m for modality in modalities for m in WARM_IMPORTS[modality])])
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=set_worker_job, initargs=(job,))
+        try:
+            for future in [self.pool.submit(os.getpid) for _ in range(self.workers)]:   # every worker started now
+                future.result()
+        except BaseException:
+            stop_pool(self.pool, kill=True)
+            raise
+
+    def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+        if self.pool is None:
+            self.start(job)
+        pool, self.pool = self.pool, None
+        limit = self.config.max_in_flight or 2 * self.workers
+        pending: dict = {}   # future -> partition number
+
+        def finished() -> Iterator[PartitionSummary]:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                summary = future.result()
+                del pending[future]
+                yield summary
+
+        try:
+            for partition in partitions:
+                pending[pool.submit(run_partition_in_worker, *partition)] = partition[0]
+                while len(pending) >= limit:
+                    yield from finished()
+            while pending:
+                yield from finished()
+        except BrokenProcessPool:
+            running = sorted(pending.values())
+            which = f"partition {running[0]}" if len(running) == 1 else f"one of partitions {running}"
+            raise ChildProcessError(f"a worker process died while building {which} (killed by the system, e.g. "
+                                    "out of memory?); rerun the same command to resume (finished shards are "
+                                    "kept)") from None
+        finally:   # done, an error or an interrupt: no worker outlives the run
+            stop_pool(pool, kill=bool(pending))
+
+
+_worker_job: Job | None = None
+
+
+def set_worker_job(job: Job) -> None:
+    """A pool worker's initializer: keep the job, and leave Ctrl-C to the driver (it stops the workers)."""
+    global _worker_job
+    _worker_job = job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_partition_in_worker(*partition) -> PartitionSummary:
+    return run_partition(_worker_job, *partition)
+
+
+def stop_pool(pool, kill: bool) -> None:
+    """Shut the pool down; with ``kill`` (work still running: an error or an interrupt) end its workers now
+    rather than after their partitions."""
+    if kill:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):   # Python 3.14: terminate_workers()
+            process.terminate()
+    pool.shutdown(wait=True)
 
 
 class RayExecutor:
@@ -64,7 +151,7 @@ class RayExecutor:
     def __init__(self, config: RayConfig):
         self.config = config
 
-    def start(self, modalities: Iterable[str] = MODALITIES) -> None:
+    def start(self, job: Job, modalities: Iterable[str] = MODALITIES) -> None:
         ray = init_ray(self.config)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         modules = ["mmdata.prep.partition", *(m for modality in modalities for m in WARM_IMPORTS[modality])]
@@ -103,35 +190,37 @@ def task_result(ray, ref) -> PartitionSummary:
 
 
 def make_executor(config: RayConfig, samples: int | None = None, largest: int = 0) -> Executor:
-    """``serial`` and ``ray`` as named; ``auto`` by the work to build (:func:`worth_ray`): ``samples`` in
-    partitions of at most ``largest`` samples (None, work not counted: Ray)."""
-    if config.executor == "serial" or (config.executor == "auto" and samples is not None
-                                       and not worth_ray(config, samples, largest)):
+    """``serial``, ``processes`` and ``ray`` as named; ``auto``: Ray for a cluster, otherwise by the work to
+    build (:func:`worth_parallel`): ``samples`` in partitions of at most ``largest`` samples (None: not counted)."""
+    if config.executor == "serial":
         return SerialExecutor()
-    return RayExecutor(config)
+    if config.executor == "ray" or (config.executor == "auto" and ray_address(config)):
+        return RayExecutor(config)
+    if config.executor == "processes" or samples is None or worth_parallel(config, samples, largest):
+        return ProcessExecutor(config)
+    return SerialExecutor()
 
 
-def worth_ray(config: RayConfig, samples: int, largest: int) -> bool:
-    """``auto``'s rule. A cluster (``ray.address`` or RAY_ADDRESS) always gets the work. A local instance costs
-    a start-up (~5 s: Ray's processes, one warmed worker per core) and saves the samples that no longer wait for
-    one core: all but the longest queue, which is the largest partition or an even share per core. Ray when that
-    saving reaches ``ray.auto_min_samples``, the samples whose in-process processing takes as long as Ray's
-    start-up (docs/preprocessing.md: how it was measured). 0: Ray whenever there is work."""
-    if ray_address(config):
-        return True
+def worth_parallel(config: RayConfig, samples: int, largest: int) -> bool:
+    """``auto``'s rule on one machine. A pool of processes costs a start-up (a server process importing the
+    processing stack, then a fork per core) and saves the samples that no longer wait for one core: all but the
+    longest queue, which is the largest partition or an even share per core. Processes when that saving reaches
+    ``ray.auto_min_samples``, the samples whose in-process processing takes as long as the start-up
+    (docs/preprocessing.md: how it was measured). 0: processes whenever there is work."""
     cpus = config.num_cpus or os.cpu_count() or 1
     return samples - max(largest, samples / cpus) >= config.auto_min_samples
 
 
 def executor_settled(config: RayConfig, partitions: int, samples: int, largest: int) -> bool:
     """Whether the work to build found so far (``partitions`` holding ``samples``, at most ``largest`` each)
-    settles the executor, whatever else the input holds: the first partition does for ``serial``, ``ray``, a
-    cluster or a single core; ``auto`` looks on until Ray is worth it (holding the rows of at most about
-    twice its threshold plus a partition) or the input ends (then it knows all the work)."""
+    settles the executor, whatever else the input holds: the first partition does for a named executor, a
+    cluster or a single core; ``auto`` looks on until parallel work is worth it (holding the rows of at most
+    about twice its threshold plus a partition) or the input ends (then it knows all the work)."""
     if not partitions:
         return False
     cpus = config.num_cpus or os.cpu_count() or 1
-    return config.executor != "auto" or cpus < 2 or worth_ray(config, samples, largest)
+    return (config.executor != "auto" or cpus < 2 or bool(ray_address(config))
+            or worth_parallel(config, samples, largest))
 
 
 def run_with_progress(executor: Executor, job: Job, partitions: Partitions, total_rows: int,

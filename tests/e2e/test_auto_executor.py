@@ -1,6 +1,6 @@
 """ray.executor=auto end to end: a rerun with nothing to build starts no executor and imports neither torch nor Ray;
-a small job runs in-process; work above the threshold, or any work with a cluster address, goes to Ray; every
-path gives the serial executor's bytes."""
+a small job runs in-process; work above the threshold runs on a pool of local processes; any work with a cluster
+address goes to Ray; every path gives the serial executor's bytes."""
 
 from __future__ import annotations
 
@@ -87,16 +87,19 @@ def local_ray():
         ray.shutdown()
 
 
+def test_auto_above_its_threshold_runs_a_pool_of_processes_with_the_serial_bytes(demo_dir, tmp_path, reference):
+    # 4 partitions of 12 on 2 CPUs: the pool takes 24 samples off the one core, over a threshold of 10
+    auto = preprocess(preprocess_config(demo_dir / "manifest.jsonl", tmp_path, "ray.executor=auto", "ray.num_cpus=2",
+                                        "ray.auto_min_samples=10"), **QUIET)
+    assert (auto.executor, auto.partitions_built) == ("processes", 4)
+    assert dataset_files(auto.dataset) == dataset_files(reference.dataset)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_auto_above_its_threshold_and_ray_give_the_serial_bytes_on_ray(demo_dir, tmp_path, reference, local_ray):
-    manifest = demo_dir / "manifest.jsonl"
-    # 4 partitions of 12 on 2 CPUs: Ray takes 24 samples off the one core, over a threshold of 10
-    auto = preprocess(preprocess_config(manifest, tmp_path / "auto", "ray.executor=auto", "ray.num_cpus=2",
-                                        "ray.auto_min_samples=10"), **QUIET)
-    assert (auto.executor, auto.partitions_built) == ("ray", 4)
-    assert dataset_files(auto.dataset) == dataset_files(reference.dataset)
-    on_ray = preprocess(preprocess_config(manifest, tmp_path / "ray", "ray.executor=ray", "ray.num_cpus=2"), **QUIET)
+def test_a_local_ray_instance_gives_the_serial_bytes(demo_dir, tmp_path, reference, local_ray):
+    on_ray = preprocess(preprocess_config(demo_dir / "manifest.jsonl", tmp_path, "ray.executor=ray", "ray.num_cpus=2"),
+                        **QUIET)
     assert (on_ray.executor, on_ray.partitions_built) == ("ray", 4)
     assert dataset_files(on_ray.dataset) == dataset_files(reference.dataset)
 

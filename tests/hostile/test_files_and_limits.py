@@ -320,15 +320,32 @@ def test_a_full_disk_is_one_line_exit_3_and_leaves_no_temp_file(demo_dir, tmp_pa
     assert not list((tmp_path / "out").glob("*/dataset.json"))         # never marked complete
 
 
-def test_sigterm_stops_like_ctrl_c_and_a_rerun_finishes(demo_dir, tmp_path):
+def processes_marked(marker: str) -> list[int]:
+    """Live processes whose environment holds ``marker`` (a run's driver and every process it started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                status = (entry / "status").read_text()
+                if "\nState:\tZ" not in status:   # a zombie has ended; only its parent has not reaped it
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("executor", ["serial", "processes"])
+def test_sigterm_stops_like_ctrl_c_leaves_no_process_and_a_rerun_finishes(demo_dir, tmp_path, executor):
     rows = demo_rows(demo_dir, 40) * 3
     rows = [{**r, "id": f"{r['id']}-{i}"} for i, r in enumerate(rows)]
     manifest = write_manifest(tmp_path / "m.jsonl", rows)
     config = tmp_path / "c.yaml"
     config.write_text(f"input: {{manifest: {manifest}}}\noutput: {{root: {tmp_path / 'out'}, name: t, "
-                      "samples_per_shard: 10}\nray: {executor: serial}\nprogress: false\ntext: {vocab_size: 128}\n"
-                      "image: {size: 32}\naudio: {n_mels: 32, max_seconds: 2.0}\n")
+                      f"samples_per_shard: 10}}\nray: {{executor: {executor}, num_cpus: 2}}\nprogress: false\n"
+                      "text: {vocab_size: 128}\nimage: {size: 32}\naudio: {n_mels: 32, max_seconds: 2.0}\n")
+    marker = f"MM_TEST_RUN={tmp_path.name}"
     proc = subprocess.Popen([sys.executable, "-m", "mmdata", "preprocess", str(config)],
+                            env={**os.environ, "MM_TEST_RUN": tmp_path.name},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     store = tmp_path / "out" / ".store"
     deadline = time.monotonic() + 90
@@ -337,6 +354,10 @@ def test_sigterm_stops_like_ctrl_c_and_a_rerun_finishes(demo_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted; rerun the same command" in err and "Traceback" not in err
+    deadline = time.monotonic() + 30   # workers end with the driver: none is left running on its own
+    while processes_marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_marked(marker) == []
     assert not temp_files(tmp_path / "out")
     assert main(["preprocess", str(config)]) == 0
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +16,8 @@ from helpers import preprocess_config
 from mmdata import storage
 from mmdata.config import to_dict
 from mmdata.prep.config import RayConfig
-from mmdata.prep.executor import RayExecutor, SerialExecutor, executor_settled, make_executor, worth_ray
+from mmdata.prep.executor import (ProcessExecutor, RayExecutor, SerialExecutor, executor_settled, make_executor,
+                                  worth_parallel)
 from mmdata.prep.partition import Job, partition_fingerprint, run_partition
 from mmdata.prep import pipeline
 from mmdata.prep.pipeline import STORE, ReuseCheck, get_tokenizer, iter_partitions, job_salt, label_mapping, scan_input
@@ -52,39 +55,45 @@ def ray_config(**kw) -> RayConfig:
     return RayConfig(**{"executor": "auto", "num_cpus": 2, "auto_min_samples": 100, **kw})
 
 
-def test_auto_runs_in_process_until_ray_saves_its_start_up(monkeypatch):
+def test_auto_runs_in_process_until_a_pool_of_processes_saves_its_start_up(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = ray_config()
-    # 2 cores: Ray takes all but the longest queue (an even share, or the largest partition) off the one core
+    # 2 cores: the pool takes all but the longest queue (an even share, or the largest partition) off the one core
     assert isinstance(make_executor(config, samples=150, largest=50), SerialExecutor)    # saves 75
-    assert isinstance(make_executor(config, samples=200, largest=50), RayExecutor)       # saves 100
+    assert isinstance(make_executor(config, samples=200, largest=50), ProcessExecutor)   # saves 100
     assert isinstance(make_executor(config, samples=300, largest=250), SerialExecutor)   # one big partition: 50
     assert isinstance(make_executor(config, samples=1000, largest=1000), SerialExecutor)  # one partition: 0
     assert isinstance(make_executor(replace(config, num_cpus=1), 10**6, 10), SerialExecutor)
-    assert isinstance(make_executor(replace(config, auto_min_samples=0), 1, 1), RayExecutor)
-    assert isinstance(make_executor(config), RayExecutor)   # work not counted: Ray
+    assert isinstance(make_executor(replace(config, auto_min_samples=0), 1, 1), ProcessExecutor)
+    assert isinstance(make_executor(config), ProcessExecutor)   # work not counted: parallel
+    assert not worth_parallel(config, 150, 50) and worth_parallel(config, 200, 50)
+    # named executors, whatever the work
     assert isinstance(make_executor(replace(config, executor="serial"), 10**6, 10), SerialExecutor)
+    assert isinstance(make_executor(replace(config, executor="processes"), 1, 1), ProcessExecutor)
     assert isinstance(make_executor(replace(config, executor="ray"), 1, 1), RayExecutor)
 
 
 def test_a_cluster_address_always_gets_the_work(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert worth_ray(ray_config(address="auto"), 1, 1)
+    assert isinstance(make_executor(ray_config(address="auto"), 1, 1), RayExecutor)
     assert isinstance(make_executor(ray_config(address="10.0.0.1:6379"), 1, 1), RayExecutor)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert isinstance(make_executor(ray_config(), 1, 1), RayExecutor)
     assert executor_settled(ray_config(), 1, 1, 1)   # the first partition to build settles it
+    # a pool of processes is a named choice still
+    assert isinstance(make_executor(ray_config(executor="processes"), 10**6, 10), ProcessExecutor)
 
 
 def test_the_driver_looks_ahead_only_as_far_as_the_choice_needs(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     auto = ray_config()
     assert not executor_settled(auto, 0, 0, 0)            # nothing to build yet: look on
-    assert not executor_settled(auto, 3, 150, 50)         # might still become worth Ray
-    assert executor_settled(auto, 4, 200, 50)             # Ray, whatever follows
+    assert not executor_settled(auto, 3, 150, 50)         # might still become worth a pool of processes
+    assert executor_settled(auto, 4, 200, 50)             # processes, whatever follows
     assert executor_settled(replace(auto, num_cpus=1), 1, 50, 50)          # one core: in-process
     assert executor_settled(replace(auto, executor="serial"), 1, 50, 50)
     assert executor_settled(replace(auto, executor="ray"), 1, 50, 50)
+    assert executor_settled(replace(auto, executor="processes"), 1, 50, 50)
 
 
 @pytest.fixture()
@@ -123,3 +132,28 @@ def test_after_stop_checking_the_rest_goes_to_the_tasks_unchecked(job_and_partit
     assert [p[0] for p in handed] == [0, 1, 2, 3, 4] and check.reused == []
     assert [p[3] is not None for p in handed] == [True, True, False, False, False]
     assert run_partition(job, *handed[4]) == replace(stored, reused=True)   # the task finds it in the store
+
+
+class DiesWhenUnpickled:
+    """A partition's rows that end the worker process receiving them, as a crash or the OOM killer would."""
+
+    def __reduce__(self):
+        return os._exit, (9,)
+
+
+def test_processes_give_the_serial_bytes_and_a_dead_worker_is_one_line_naming_the_partition(job_and_partitions):
+    job, partitions = job_and_partitions
+    executor = ProcessExecutor(RayConfig(executor="processes", num_cpus=2))
+    executor.start(job, ["text", "image", "audio"])
+    summaries = sorted(executor.run(job, iter(partitions)), key=lambda s: s.partition)
+    assert [s.partition for s in summaries] == [0, 1, 2, 3, 4] and not any(s.reused for s in summaries)
+    serial = [run_partition(replace(job, store=job.store + "-serial"), *p) for p in partitions]
+    assert [s.fingerprint for s in summaries] == [s.fingerprint for s in serial]
+    for s in summaries:   # the same files, byte for byte, partition by partition
+        pooled, alone = Path(job.store) / s.fingerprint, Path(job.store + "-serial") / s.fingerprint
+        files = sorted(str(p.relative_to(pooled)) for p in pooled.rglob("*") if p.is_file())
+        assert files == sorted(str(p.relative_to(alone)) for p in alone.rglob("*") if p.is_file())
+        assert any(f.endswith(".tar") for f in files)
+        assert all((pooled / f).read_bytes() == (alone / f).read_bytes() for f in files if f != "summary.json")
+    with pytest.raises(ChildProcessError, match=r"^a worker process died while building partition 7 .*rerun the same"):
+        list(ProcessExecutor(RayConfig(num_cpus=1)).run(job, [(7, DiesWhenUnpickled(), set())]))
