@@ -99,6 +99,8 @@ def file_identity(ref: str | bytes | None, job: Job) -> Any:
         return None
     if isinstance(ref, bytes):
         return hashlib.sha256(ref).hexdigest()
+    if job.config.input.file_identity == "name":   # the files are taken as immutable: no stat, no request
+        return ref
     try:
         if job.config.input.file_identity == "content":
             cap = max(job.config.image.max_bytes, job.config.audio.max_bytes)

@@ -37,7 +37,8 @@ DEFAULT_MAX_TARS = 1_000_000
 class InputConfig:
     manifest: str | None = None     # .jsonl / .csv / .parquet path or URL
     tars: list[str] | str | None = None  # tar paths/URLs, or one brace pattern "shards-{000..009}.tar"
-    file_identity: str = "stat"     # stat (size + mtime) | content (hash of bytes): what "unchanged file" means
+    file_identity: str = "stat"     # stat (size + mtime or ETag) | content (hash of bytes) | name (the path or URL
+    #                                 alone: no request per row; for web-scale URL lists): what "unchanged file" means
     storage_options: dict = field(default_factory=dict)  # passed to fsspec (e.g. endpoint_url)
     timeout_s: float = 30.0         # per attempt to read a file a row refers to by URL
     retries: int = 2                # further attempts after a transient URL error or a timeout
@@ -49,7 +50,7 @@ class InputConfig:
         if self.manifest is not None:
             require(manifest_format(self.manifest) is not None, "manifest",
                     f"must end in .jsonl, .json, .csv or .parquet; got {self.manifest!r}")
-        require_choice(self.file_identity, "file_identity", ("stat", "content"))
+        require_choice(self.file_identity, "file_identity", ("stat", "content", "name"))
         require(0 < self.timeout_s <= 3600, "timeout_s", f"must be in (0, 3600] seconds; got {self.timeout_s}")
         require(0 <= self.retries <= 10, "retries", f"must be between 0 and 10; got {self.retries}")
         require(self.max_tars >= 1, "max_tars", f"must be at least 1; got {self.max_tars}")

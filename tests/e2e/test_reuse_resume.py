@@ -62,6 +62,16 @@ def test_fixing_a_broken_file_rebuilds_only_its_shard(inputs, tmp_path):
     assert without_description(dataset_files(fixed.dataset)) == without_description(dataset_files(clean.dataset))
 
 
+def test_file_identity_name_takes_files_as_immutable(inputs, tmp_path):
+    tok = given_tokenizer(inputs, tmp_path)
+    manifest, root = inputs / "manifest.jsonl", tmp_path / "work"
+    first = preprocess(preprocess_config(manifest, root, tok, "input.file_identity=name"), **QUIET)
+    victim = inputs / next(r for r in rows(manifest) if r.get("image"))["image"]
+    victim.write_bytes(victim.read_bytes() + b"\0")   # a new size and mtime: `stat` would rebuild its partition
+    again = preprocess(preprocess_config(manifest, root, tok, "input.file_identity=name"), **QUIET)
+    assert again.reused_dataset and again.dataset == first.dataset and again.partitions_built == 0
+
+
 def test_editing_a_caption_or_appending_rows_rebuilds_only_what_changed(inputs, tmp_path):
     tok = given_tokenizer(inputs, tmp_path)
     manifest, root = inputs / "manifest.jsonl", tmp_path / "work"

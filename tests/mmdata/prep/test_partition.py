@@ -57,3 +57,13 @@ def test_the_serial_executor_runs_every_partition_in_order(job_and_partitions):
     assert [s.partition for s in summaries] == [0, 1, 2]
     assert sum(s.totals.samples_in for s in summaries) == 48
     assert isinstance(make_executor(replace(job.config.ray, executor="ray")), RayExecutor)
+
+
+def test_file_identity_name_fingerprints_a_url_without_a_request(tmp_path):
+    from mmdata.prep.partition import file_identity
+    config = preprocess_config(tmp_path / "m.jsonl", tmp_path, "input.file_identity=name", "input.retries=0",
+                               "input.timeout_s=2")
+    url = "http://nowhere.invalid/cat.jpg"   # a request would fail: stat's identity says so
+    assert file_identity(url, Job(config, b"", None, "", "")) == url
+    stat = replace(config, input=replace(config.input, file_identity="stat"))
+    assert file_identity(url, Job(stat, b"", None, "", "")) == [url, "unreadable"]
