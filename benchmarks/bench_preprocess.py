@@ -3,6 +3,7 @@
     make bench-preprocess                    # 3000 samples, RSS at 2k and 20k
     python benchmarks/bench_preprocess.py --n 3000 --rss 2000 20000
     python benchmarks/bench_preprocess.py --image-only    # only the image kernel on large photos (~30 s)
+    python benchmarks/bench_preprocess.py --kernels-only  # the image and audio kernels against their previous versions
 
 Kernel ceiling = the same per-sample code (read, tokenize, image decode/resize/encode,
 audio decode/resample/log-mel) in a plain single-process loop, times the cores used.
@@ -19,25 +20,25 @@ process) and the PSNR between their outputs.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator
 
 import yaml
+import vs_img2dataset
+from preprocess_common import photo_images, run_preprocess
 
 
-def bench_config(manifest: Path, root: Path, tokenizer: str | None, cpus: int) -> dict:
+def bench_config(manifest: Path, root: Path, tokenizer: str | None, cpus: int, executor: str = "processes") -> dict:
     from mmdata.config import load_config, to_dict
     from mmdata.prep.config import PreprocessConfig
     overrides = [f"input.manifest={manifest}", f"output.root={root}", "output.name=bench",
-                 f"ray.num_cpus={cpus}", "ray.executor=ray", "progress=false"]   # the rows measure Ray tasks
+                 f"ray.num_cpus={cpus}", f"ray.executor={executor}", "progress=false"]
     if tokenizer:
         overrides.append(f"text.tokenizer={tokenizer}")
     return to_dict(load_config(PreprocessConfig, Path(__file__).parents[1] / "pipelines/demo.yaml", overrides))
@@ -94,33 +95,6 @@ def checksum_seconds(members: list[bytes], repeats: int = 7) -> float:
 
 # --- image kernel: fast_downscale on vs off on large photos ----------------------------------
 
-def photo_images(n: int, width: int = 1024, height: int = 768, seed: int = 0) -> Iterator:
-    """``n`` deterministic photo-like RGB images: smooth colour gradients and filled shapes under
-    sensor-like noise (fine detail everywhere, as in photos: where reduced decoding differs most)."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    rng = np.random.default_rng(seed)
-    noise = rng.normal(0, 6, (height + 64, width + 64, 3)).astype(np.float32)   # one field, shifted per image
-    x, y = np.linspace(0, 3, width, dtype=np.float32), np.linspace(0, 3, height, dtype=np.float32)
-    for _ in range(n):
-        a, b, p = rng.uniform(-3, 3, (3, 3)).astype(np.float32)   # per channel: x and y frequencies, phases
-        gradient = np.empty((height, width, 3), np.uint8)
-        for c in range(3):
-            gradient[..., c] = 128 + 50 * np.sin(a[c] * x + p[c])[None, :] + 50 * np.sin(b[c] * y + 2 * p[c])[:, None]
-        image = Image.fromarray(gradient)
-        draw = ImageDraw.Draw(image)
-        for _ in range(10):
-            cx, cy, r = int(rng.integers(0, width)), int(rng.integers(0, height)), int(rng.integers(8, 200))
-            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-            if rng.random() < 0.5:
-                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-            else:
-                draw.polygon([(cx, cy), (cx + r, cy + r // 2), (cx - r // 3, cy + r)], fill=colour)
-        dx, dy = rng.integers(0, 64, 2)
-        pixels = noise[dy:dy + height, dx:dx + width] + np.asarray(image, np.float32)
-        yield Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8))
-
-
 def psnr(a: bytes, b: bytes) -> float:
     """PSNR in dB between two encoded images of the same size."""
     import io
@@ -175,53 +149,123 @@ def image_kernel(n: int, size: int = 256, rounds: int = 3) -> None:
               f"PSNR on vs off mean {statistics.mean(scores):.1f} dB, min {min(scores):.1f} dB")
 
 
-def run_preprocess(config_path: Path) -> tuple[dict, float, dict]:
-    """Run the CLI in a subprocess; returns (its summary numbers, seconds, peak RSS in MB)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mmdata.cli", "preprocess", str(config_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = {"driver": 0.0, "worker": 0.0, "total": 0.0}
-    while proc.poll() is None:
-        tree = process_tree_rss(proc.pid)
-        if tree:
-            peak["driver"] = max(peak["driver"], tree.get(proc.pid, 0.0))
-            workers = [v for pid, v in tree.items() if pid != proc.pid]
-            peak["worker"] = max(peak["worker"], max(workers, default=0.0))
-            peak["total"] = max(peak["total"], sum(tree.values()))
-        time.sleep(0.2)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"preprocess failed:\n{err[-3000:]}")
-    return parse_summary(out), time.perf_counter() - start, peak
+# --- audio kernel: this version against the previous one, and where its time goes ------------
+
+def previous_audio_kernel(data: bytes, config) -> bytes:
+    """encode_audio as processing version 5 computed it (the baseline): numpy's mean over channels, and
+    torchaudio's MelSpectrogram with power=2 (|X| then squared)."""
+    import io
+    import numpy as np
+    import soundfile as sf
+    import torch
+    from mmdata.prep import audio
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        rate = f.samplerate
+        frames = f.read(audio._frames_needed(rate, config), dtype="float32", always_2d=True)
+    np.isfinite(frames).all()
+    wave = audio._fit_length(audio._resample(frames.mean(axis=1, dtype=np.float32), rate, config.sample_rate), config)
+    transform = previous_mel_transform(config.sample_rate, config.n_fft, config.hop_length, config.f_min,
+                                       config.f_max, config.n_mels)
+    with torch.no_grad():
+        mel = torch.log(transform(wave) + config.log_offset).to(torch.float16).numpy()
+    return audio._npy_bytes(np.ascontiguousarray(mel))
 
 
-def process_tree_rss(root: int) -> dict[int, float]:
-    """RSS (MB) of a process and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    rss = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            children.setdefault(int(stat[1]), []).append(int(entry))
-            rss[int(entry)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in rss:
-            found[pid] = rss[pid]
-        todo += children.get(pid, [])
-    return found
+@functools.lru_cache(maxsize=4)
+def previous_mel_transform(sample_rate, n_fft, hop_length, f_min, f_max, n_mels):
+    import torchaudio
+    return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length,
+                                                f_min=f_min, f_max=f_max, n_mels=n_mels, power=2.0, center=True)
 
 
-def parse_summary(out: str) -> dict:
-    lines = {line[:10].strip(): line[11:] for line in out.splitlines() if len(line) > 11}
-    phases = dict(part.rsplit(" ", 2)[:2] for part in lines.get("phases", "").split(", ") if part)
-    return {"time": lines.get("time", ""), "status": lines.get("status", ""), "samples": lines.get("samples", ""),
-            "phases": {k: float(v) for k, v in phases.items()}}
+def audio_kernel(files: list[Path], config, rounds: int = 3) -> None:
+    """encode_audio against the previous version's kernel on the same clips, interleaved clip by clip (CPU
+    time, one thread); then where encode_audio's time goes, step by step (:func:`audio_stages`)."""
+    import torch
+    from mmdata.prep.audio import encode_audio
+    torch.set_num_threads(1)
+    clips = [f.read_bytes() for f in files]
+    for data in clips:   # build every resampler and filterbank once, as a long job has
+        encode_audio(data, config), previous_audio_kernel(data, config)
+    seconds = {"now": [], "previous": []}
+    kernels = {"now": lambda d: encode_audio(d, config), "previous": lambda d: previous_audio_kernel(d, config)}
+    for r in range(rounds):
+        spent = {"now": 0.0, "previous": 0.0}
+        for i, data in enumerate(clips):
+            for name in (("now", "previous") if (i + r) % 2 == 0 else ("previous", "now")):
+                start = time.process_time()
+                kernels[name](data)
+                spent[name] += time.process_time() - start
+        for name in spent:
+            seconds[name].append(spent[name])
+    ratio = statistics.median(p / n for p, n in zip(seconds["previous"], seconds["now"]))
+    rate = {name: len(clips) / statistics.median(s) for name, s in seconds.items()}
+    print(f"audio kernel, {len(clips)} demo clips: {rate['now']:.0f}/s, previous version {rate['previous']:.0f}/s, "
+          f"ratio {ratio:.2f} (median of {rounds} rounds)")
+    stages = audio_stages(clips, config)
+    total = sum(stages.values())
+    library = total - stages["our code"]
+    print("audio kernel, where the time goes: " + ", ".join(f"{k} {v / total:.0%}" for k, v in stages.items())
+          + f"; inside the libraries' calls {library / total:.0%}")
+
+
+def audio_stages(clips: list[bytes], config) -> dict[str, float]:
+    """CPU seconds of encode_audio's steps over ``clips``, each step one library call timed on its own (as
+    encode_audio makes them); "our code" is encode_audio's total less the steps."""
+    import io
+    import numpy as np
+    import soundfile as sf
+    import torch
+    from mmdata.prep import audio
+    from mmdata.prep.audio import encode_audio
+    spectrogram, mel_scale = audio._mel_transform(config.sample_rate, config.n_fft, config.win_length,
+                                                  config.hop_length, config.f_min, config.f_max, config.n_mels)
+    steps = dict.fromkeys(("decode (soundfile)", "down-mix (numpy)", "resample (torchaudio)", "STFT (torch)",
+                           "power, mel, log (torch)", "npy"), 0.0)
+
+    def timed(step, fn, *args):
+        start = time.process_time()
+        out = fn(*args)
+        steps[step] += time.process_time() - start
+        return out
+
+    whole = 0.0
+    with torch.no_grad():
+        for data in clips:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                rate = f.samplerate
+                frames = timed("decode (soundfile)", f.read, audio._frames_needed(rate, config), "float32", True)
+            mono = timed("down-mix (numpy)", audio.down_mix, frames)
+            wave = audio._fit_length(timed("resample (torchaudio)", audio._resample, mono, rate, config.sample_rate),
+                                     config)
+            spectrum = timed("STFT (torch)", spectrogram, wave)
+            mel = timed("power, mel, log (torch)", lambda x: torch.log(
+                mel_scale(x.real.square() + x.imag.square()) + config.log_offset).to(torch.float16).numpy(), spectrum)
+            timed("npy", audio._npy_bytes, np.ascontiguousarray(mel))
+            start = time.process_time()
+            encode_audio(data, config)
+            whole += time.process_time() - start
+    return {**steps, "our code": max(0.0, whole - sum(steps.values()))}
+
+
+def executor_break_even(work: Path, data: Path, tokenizer: str, cpus: int, sizes: list[int]) -> None:
+    """Wall clock of whole ``mmdata preprocess`` commands on the first ``sizes`` demo rows, in-process and on a
+    pool of processes, interleaved: where the pool's start-up pays (ray.auto_min_samples), and what a small
+    job costs with the default config (auto, the given tokenizer)."""
+    rows = (data / "manifest.jsonl").read_text().splitlines(keepends=True)
+    for n in sizes:
+        manifest = data / f"first-{n}.jsonl"   # beside the demo's: its relative paths hold
+        manifest.write_text("".join(rows[:n]))
+        (work / f"first-{n}").mkdir(exist_ok=True)
+        seconds = {}
+        for executor in ("serial", "processes", "auto"):
+            config = bench_config(manifest, work / f"first-{n}" / executor, tokenizer, cpus, executor)
+            path = work / f"first-{n}" / f"{executor}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            shutil.rmtree(work / f"first-{n}" / executor, ignore_errors=True)
+            summary, seconds[executor], _ = run_preprocess(path)
+        print(f"{n} samples, wall clock: serial {seconds['serial']:.1f} s, processes {seconds['processes']:.1f} s, "
+              f"auto (default) {seconds['auto']:.1f} s")
 
 
 def main() -> None:
@@ -232,6 +276,11 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--image-n", type=int, default=200, help="large JPEGs for the image kernel (0: skip it)")
     parser.add_argument("--image-only", action="store_true", help="run only the image kernel comparison")
+    parser.add_argument("--audio-n", type=int, default=400, help="demo clips for the audio kernel (0: skip it)")
+    parser.add_argument("--kernels-only", action="store_true", help="run only the image and audio kernel comparisons")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[20, 250, 1000, 2000],
+                        help="job sizes timed in-process, on processes and with auto (0 sizes: skip)")
+    parser.add_argument("--photos", type=int, default=3000, help="photos for the img2dataset comparison (0: skip it)")
     args = parser.parse_args()
     if args.image_n > 0:
         image_kernel(args.image_n)
@@ -244,6 +293,15 @@ def main() -> None:
     data = work / f"demo-{args.n}"
     if not (data / "manifest.jsonl").exists():
         generate_demo(data, args.n, seed=0)
+    if args.audio_n > 0:
+        from mmdata.config import load_config
+        from mmdata.prep.config import PreprocessConfig
+        demo = load_config(PreprocessConfig, Path(__file__).parents[1] / "pipelines/demo.yaml")
+        audio_kernel(sorted((data / "audio").iterdir())[:args.audio_n], demo.audio)
+    if args.kernels_only:
+        return
+    if args.photos > 0:
+        vs_img2dataset.compare(work, args.photos, per_shard=500, rounds=2)
     # a given tokenizer keeps one-off tokenizer training out of the throughput comparison
     tok_root = work / "tok"
     tok_cfg = bench_config(data / "manifest.jsonl", tok_root, None, args.cpus)
@@ -259,12 +317,6 @@ def main() -> None:
     kernel, members = kernel_rates(config, data / "manifest.jsonl", args.n)   # the rows the pipeline processes
     crc = checksum_seconds(members)
     ceiling = kernel["all"] * args.cpus
-    path = work / "bench.yaml"
-    path.write_text(yaml.safe_dump(config))
-    shutil.rmtree(work / "out", ignore_errors=True)
-    summary, seconds, _ = run_preprocess(path)
-    end_to_end = args.n / seconds
-    steady = args.n / summary["phases"]["partitions"]
     print(f"kernel (1 process): text {kernel['text']:.0f}/s, image {kernel['image']:.0f}/s, "
           f"audio {kernel['audio']:.0f}/s, all modalities {kernel['all']:.1f} samples/s")
     print(f"kernel ceiling x{args.cpus} cores: {ceiling:.1f} samples/s")
@@ -272,12 +324,21 @@ def main() -> None:
     print(f"checksums (zlib.crc32 of every member, {sum(map(len, members)) / args.n / 1e3:.1f} kB/sample): "
           f"{crc / args.n * 1e6:.1f} us/sample = {crc / args.n / per_sample:.2%} of the kernel's "
           f"{per_sample * 1e3:.2f} ms/sample ({sum(map(len, members)) / crc / 1e9:.2f} GB/s)")
-    print(f"pipeline end to end (incl. process start, Ray start, scan): {end_to_end:.1f} samples/s "
-          f"= {end_to_end / ceiling:.2f} of ceiling")
-    print(f"pipeline partition phase (Ray tasks, wall clock): {steady:.1f} samples/s = {steady / ceiling:.2f} of ceiling")
-    print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["phases"].items()))
+    for executor in ("processes", "ray"):   # a local pool (auto's choice on one machine) and a local Ray instance
+        path = work / f"bench-{executor}.yaml"
+        path.write_text(yaml.safe_dump(bench_config(data / "manifest.jsonl", work / "out", tokenizer, args.cpus,
+                                                    executor)))
+        shutil.rmtree(work / "out", ignore_errors=True)
+        summary, seconds, _ = run_preprocess(path)
+        end_to_end = args.n / seconds
+        steady = args.n / summary["phases"]["partitions"]
+        print(f"pipeline, ray.executor={executor}: end to end (process start, executor start, scan included) "
+              f"{end_to_end:.1f} samples/s = {end_to_end / ceiling:.2f} of ceiling; partition phase (wall clock) "
+              f"{steady:.1f} samples/s = {steady / ceiling:.2f} of ceiling")
+        print("  phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["phases"].items()))
     summary2, seconds2, _ = run_preprocess(path)
     print(f"rerun (everything reused): {seconds2:.1f} s; {summary2['status']}")
+    executor_break_even(work, data, tokenizer, args.cpus, args.sizes)
 
     peaks = {}
     for n in args.rss:
