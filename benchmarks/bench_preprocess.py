@@ -220,8 +220,8 @@ def audio_stages(clips: list[bytes], config) -> dict[str, float]:
     from mmdata.prep.audio import encode_audio
     spectrogram, mel_scale = audio._mel_transform(config.sample_rate, config.n_fft, config.win_length,
                                                   config.hop_length, config.f_min, config.f_max, config.n_mels)
-    steps = dict.fromkeys(("decode (soundfile)", "down-mix (numpy)", "resample (torchaudio)", "STFT (torch)",
-                           "power, mel, log (torch)", "npy"), 0.0)
+    steps = dict.fromkeys(("decode (soundfile)", "checks (numpy)", "down-mix (numpy)", "resample (torchaudio)",
+                           "STFT (torch)", "power, mel, log (torch)", "npy"), 0.0)
 
     def timed(step, fn, *args):
         start = time.process_time()
@@ -232,15 +232,19 @@ def audio_stages(clips: list[bytes], config) -> dict[str, float]:
     whole = 0.0
     with torch.no_grad():
         for data in clips:
-            with sf.SoundFile(io.BytesIO(data)) as f:
-                rate = f.samplerate
-                frames = timed("decode (soundfile)", f.read, audio._frames_needed(rate, config), "float32", True)
+            def decode(data):
+                with sf.SoundFile(io.BytesIO(data)) as f:
+                    return f.samplerate, f.read(audio._frames_needed(f.samplerate, config), "float32", True)
+
+            rate, frames = timed("decode (soundfile)", decode, data)
+            timed("checks (numpy)", lambda x: np.isfinite(x).all(), frames)
             mono = timed("down-mix (numpy)", audio.down_mix, frames)
             wave = audio._fit_length(timed("resample (torchaudio)", audio._resample, mono, rate, config.sample_rate),
                                      config)
             spectrum = timed("STFT (torch)", spectrogram, wave)
             mel = timed("power, mel, log (torch)", lambda x: torch.log(
                 mel_scale(x.real.square() + x.imag.square()) + config.log_offset).to(torch.float16).numpy(), spectrum)
+            timed("checks (numpy)", lambda x: np.isfinite(x).all(), mel)
             timed("npy", audio._npy_bytes, np.ascontiguousarray(mel))
             start = time.process_time()
             encode_audio(data, config)

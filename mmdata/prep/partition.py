@@ -20,10 +20,11 @@ import math
 import re
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from mmdata import storage
 from mmdata.dataset import ShardInfo, Totals, sorted_counts
@@ -207,8 +208,8 @@ def write_samples(job: Job, writer, encoders: dict[str, Encoder], records: list[
     """Build and write every sample; returns (the writer's shard list, error entries, modality counts,
     rejected count)."""
     errors, present, rejected, keys = [], Counter(), 0, {}
-    for record in records:
-        sample, sample_errors = build_sample(record, job, encoders, record.row in duplicates)
+    for record, files in read_ahead(records, job, duplicates):
+        sample, sample_errors = build_sample(record, job, encoders, record.row in duplicates, files)
         key = make_key(record.id)
         if sample is not None and key in keys:   # two ids, one key: a shard must not hold it twice
             sample, sample_errors = None, sample_errors + [error_entry(
@@ -237,8 +238,49 @@ def error_entry(record: Record, modality: str, stage: str, reason: str, message:
             "reason": reason, "error": message, "action": action}
 
 
-def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplicate: bool):
-    """Returns ((members, index columns) or None when rejected, error entries)."""
+def read_ahead(records: list[Record], job: Job, duplicates: set[int]) -> Iterator[tuple[Record, dict | None]]:
+    """Each record with its image and audio files read (bytes, or the SampleError reading raised), by
+    ``input.read_threads`` threads a few records ahead of the one being encoded, in input order: a URL's
+    latency overlaps the encoding of the records before it. At most 2 x read_threads records' files are held.
+    One thread: (record, None), the files read when the sample is built."""
+    threads = job.config.input.read_threads
+    if threads <= 1:
+        yield from ((record, None) for record in records)
+        return
+
+    def read(record: Record) -> dict:
+        if record.error or record.row in duplicates:   # rejected before any file is needed
+            return {}
+        files = {}
+        for modality in ("image", "audio"):
+            raw = getattr(record, modality)
+            if raw is not None:
+                try:
+                    files[modality] = raw_input(modality, raw, job)
+                except SampleError as e:
+                    files[modality] = e
+        return files
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="mmdata-read") as pool:
+        ahead: deque = deque()
+        try:
+            for record in records:
+                ahead.append((record, pool.submit(read, record)))
+                if len(ahead) >= 2 * threads:
+                    record, files = ahead.popleft()
+                    yield record, files.result()
+            while ahead:
+                record, files = ahead.popleft()
+                yield record, files.result()
+        finally:   # an error or an interrupt: reads not started are not wanted
+            for _, files in ahead:
+                files.cancel()
+
+
+def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplicate: bool,
+                 files: dict | None = None):
+    """Returns ((members, index columns) or None when rejected, error entries). ``files``: the record's image
+    and audio already read (:func:`read_ahead`), else they are read here."""
     reject = lambda reason, message, modality="sample", stage="scan": (  # noqa: E731
         None, [error_entry(record, modality, stage, reason, message, "rejected")])
     if record.error:
@@ -256,7 +298,10 @@ def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplica
             continue
         config = getattr(job.config, modality)
         try:
-            out, info[modality] = encode(raw_input(modality, raw, job), config)
+            data = raw_input(modality, raw, job) if files is None or modality not in files else files[modality]
+            if isinstance(data, SampleError):
+                raise data
+            out, info[modality] = encode(data, config)
             members.update(out)
         except SampleError as e:
             action = "rejected" if config.on_error == "reject_sample" else "dropped_modality"

@@ -42,6 +42,7 @@ class InputConfig:
     storage_options: dict = field(default_factory=dict)  # passed to fsspec (e.g. endpoint_url)
     timeout_s: float = 30.0         # per attempt to read a file a row refers to by URL
     retries: int = 2                # further attempts after a transient URL error or a timeout
+    read_threads: int = 8           # files read ahead at once in each partition (URL latency overlaps the encoding)
     max_tars: int = DEFAULT_MAX_TARS  # input.tars may name at most this many tars (brace patterns counted)
 
     def validate(self) -> None:
@@ -53,6 +54,7 @@ class InputConfig:
         require_choice(self.file_identity, "file_identity", ("stat", "content", "name"))
         require(0 < self.timeout_s <= 3600, "timeout_s", f"must be in (0, 3600] seconds; got {self.timeout_s}")
         require(0 <= self.retries <= 10, "retries", f"must be between 0 and 10; got {self.retries}")
+        require(1 <= self.read_threads <= 256, "read_threads", f"must be between 1 and 256; got {self.read_threads}")
         require(self.max_tars >= 1, "max_tars", f"must be at least 1; got {self.max_tars}")
         if self.tars is not None:   # counted lazily: a pattern of a billion names fails here, allocating nothing
             require(sum(1 for _ in self.iter_tar_urls()) > 0, "tars", "names no tar file (an empty list, or a "
