@@ -41,7 +41,7 @@ class RayConfig:
     address: str | None = None      # an existing cluster ("auto", "ray://..." or host:port); env RAY_ADDRESS too
     num_cpus: int | None = None     # local processes or Ray instance; default: all cores
     max_in_flight: int = 0          # partitions queued at once; 0 = 2 x cluster CPUs
-    auto_min_samples: int = 1000    # auto: local processes once they take this many samples off one core (0: always)
+    auto_min_samples: int = 300     # auto: local processes once they take this many samples off one core (0: always)
 
     def validate(self) -> None:
         require_choice(self.executor, "executor", ("auto", "processes", "ray", "serial"))
