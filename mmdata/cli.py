@@ -20,6 +20,7 @@ Turn multimodal samples (text, image, audio, label) into sharded WebDataset tars
   mmdata verify data/datasets/demo                 re-read every shard; exit 1 if unhealthy
   mmdata show data/datasets/demo --out sheet.png   contact sheet of samples
   mmdata wids-index data/datasets/demo             index for random access with `wids`
+  mmdata gc data/datasets --dry-run                store entries no finished dataset uses
 """
 
 
@@ -133,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sheet.png", help="PNG file to write")
     p.add_argument("--seed", type=int, default=0, help="which samples (0 = the first ones)")
     p.set_defaults(run=run_show)
+
+    p = sub.add_parser("gc", help="remove store entries that no finished dataset in ROOT uses",
+                       description="Remove <ROOT>/.store entries (built partitions) that no finished dataset "
+                                   "in ROOT lists. Datasets are never touched; a running preprocess is never "
+                                   "disturbed (gc refuses while one runs).")
+    p.add_argument("root", help="an output.root of mmdata preprocess (a local folder)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--keep-days", type=non_negative_float, default=0.0,
+                   help="keep unused entries written in the last N days (default 0)")
+    p.set_defaults(run=run_gc)
     return parser
 
 
@@ -179,6 +190,35 @@ def run_demo(args) -> int:
     manifest = generate_demo(args.out, args.n, seed=args.seed, manifest_format=args.format)
     print(f"wrote {args.n} samples; manifest {manifest}")
     return 0
+
+
+def run_gc(args) -> int:
+    from mmdata.prep.store import StoreBusy, collect
+    try:
+        result = collect(args.root, args.dry_run, args.keep_days)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StoreBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    verb = "would remove" if args.dry_run else "removed"
+    for entry, size in result.removed:
+        print(f"{verb} .store/{entry} ({size / 1e6:.1f} MB)")
+    print(f"{verb} {len(result.removed)} unused entries, {'would free' if args.dry_run else 'freed'} "
+          f"{result.freed / 1e6:.1f} MB; kept {result.in_use} used by {result.datasets} finished datasets"
+          + (f" and {result.recent} written in the last {args.keep_days:g} days" if args.keep_days else ""))
+    return 0
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {value}")
+    return value
 
 
 def run_info(args) -> int:

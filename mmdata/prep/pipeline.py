@@ -34,6 +34,7 @@ from mmdata.dataset import TokenizerInfo, Totals, dataset_dir, description_json
 from mmdata.prep.config import OutputConfig, PreprocessConfig
 from mmdata.prep.duplicates import DuplicateFinder, duplicates_between
 from mmdata.prep.executor import executor_settled, make_executor, run_with_progress
+from mmdata.prep.store import STORE, preprocess_lease
 from mmdata.prep.inputs import ReadSettings, read_input
 from mmdata.prep.partition import Job, PartitionSummary, files_intact, label_key, partition_fingerprint, stored_summary
 from mmdata.prep.sources import Record, check_readable, iter_records
@@ -41,7 +42,6 @@ from mmdata.prep.text import check_text, load_tokenizer, train_tokenizer
 from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, MODALITIES, PROCESSING_VERSION,
                            TOKENIZER_FILE, SampleError, id_hash, index_name, without_addresses)
 
-STORE = ".store"
 MAX_TOKENIZER_BYTES = 256 << 20   # SentencePiece models are a few MB; anything this big is not one
 
 
@@ -277,7 +277,8 @@ def check_partition(job: Job, k: int, records: list[Record]) -> tuple[str, Parti
 
 
 def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> Result:
-    """Run the whole job; see the module docstring. Raises ConfigError before any work."""
+    """Run the whole job; see the module docstring. Raises ConfigError before any work. From the reuse
+    check on, the store is held shared (store.py: ``mmdata gc`` waits for the run, and the run for a gc)."""
     start = time.perf_counter()
     phases = {}
     remove_stale_temp_files(config.output.root)
@@ -289,6 +290,13 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     salt = job_salt(config, tokenizer, labels)
     job = Job(config, tokenizer, labels, salt, storage.join(config.output.root, STORE))
     phases["tokenizer"] = time.perf_counter() - start - phases["scan"]
+    with preprocess_lease(config.output.root, log):
+        return build(job, scan, phases, start, log)
+
+
+def build(job: Job, scan: Scan, phases: dict, start: float, log: Callable[[str], None]) -> Result:
+    """The partitions the store lacks, then the dataset directory."""
+    config, salt = job.config, job.salt
     mark = time.perf_counter()
     with ReuseCheck(job, iter_partitions(config, scan)) as check:
         check.look_ahead(lambda: executor_settled(config.ray, check.count, check.samples, check.largest))
