@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from array import array
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from mmdata.storage import process_alive
+
+FOLDER_PREFIX = "mmdata-ids-"   # + <host>-<pid>-<random>: whose folder it is, so a killed run's can be swept
 ENTRY = np.dtype([("hash", "<u8"), ("row", "<i8"), ("tag", "<u4")])   # packed: 20 bytes per row on disk
 
 
@@ -79,7 +84,9 @@ class DuplicateFinder:
     def spill(self) -> None:
         """Append the buffered entries to their buckets' files, ``chunk_rows`` at a time, and empty the buffers."""
         if self.folder is None:
-            self.folder = tempfile.mkdtemp(prefix="mmdata-ids-", dir=self.temp_dir)
+            remove_stale_folders(self.temp_dir)
+            self.folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{socket.gethostname()}-{os.getpid()}-",
+                                           dir=self.temp_dir)
         hashes, rows, tags = self.buffered()
         shift = np.uint64(64 - self.buckets.bit_length() + 1)   # the top log2(buckets) bits name the bucket
         for start in range(0, len(hashes), self.chunk_rows):
@@ -140,3 +147,13 @@ def duplicates_between(duplicates: np.ndarray, first: int, last: int) -> set[int
     """The rows of sorted ``duplicates`` in [first, last]: one partition's, by two binary searches."""
     start, end = np.searchsorted(duplicates, first, "left"), np.searchsorted(duplicates, last, "right")
     return set(duplicates[start:end].tolist())
+
+
+def remove_stale_folders(temp_dir: str | None) -> None:
+    """Remove the bucket folders that runs of this host left when they were killed (SIGKILL, power loss):
+    those whose owner process is no longer running. Live runs' folders, and other hosts', are kept."""
+    host = socket.gethostname()
+    for folder in Path(temp_dir or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        owner = folder.name[len(FOLDER_PREFIX):].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not process_alive(int(owner[1])):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -88,6 +88,24 @@ def test_bucket_files_live_in_a_temporary_folder_that_finish_removes(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_folders_left_by_killed_runs_of_this_host_are_swept_and_others_kept(tmp_path):
+    import os
+    import socket
+    host = socket.gethostname()
+    dead = tmp_path / f"mmdata-ids-{host}-{2**22 + 12345}-abc123"     # no such pid
+    live = tmp_path / f"mmdata-ids-{host}-{os.getpid()}-def456"       # a run still going
+    elsewhere = tmp_path / f"mmdata-ids-other-host-{2**22 + 12345}-ghi789"
+    for folder in (dead, live, elsewhere):
+        folder.mkdir()
+        (folder / "bucket-0000").write_bytes(b"x" * 20)
+    with DuplicateFinder(temp_dir=str(tmp_path), **SPILLING) as finder:
+        for row in range(200):
+            finder.add(row % 50 * 0x0123456789ABCDEF % 2**64, row)
+        assert Path(finder.folder).name.startswith(f"mmdata-ids-{host}-{os.getpid()}-")
+        assert finder.finish().rows.tolist() == list(range(50, 200))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name])
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_the_temporary_folder_is_removed_when_the_scan_fails(error, tmp_path):
     with pytest.raises(error):
