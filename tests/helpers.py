@@ -21,6 +21,18 @@ def preprocess_config(manifest, root, *overrides: str):
     return load_config(PreprocessConfig, None, [*base, *overrides])
 
 
+def partitioned_job(manifest, root, samples_per_shard: int):
+    """(a Job as the driver makes it, the input's partitions) for tests of one partition at a time."""
+    from mmdata import storage
+    from mmdata.prep.partition import Job
+    from mmdata.prep.pipeline import STORE, get_tokenizer, iter_partitions, job_salt, label_mapping, scan_input
+    config = preprocess_config(manifest, root, f"output.samples_per_shard={samples_per_shard}")
+    scan = scan_input(config)
+    tokenizer, labels = get_tokenizer(config, scan), label_mapping(scan)
+    job = Job(config, tokenizer, labels, job_salt(config, tokenizer, labels), storage.join(str(root), STORE))
+    return job, list(iter_partitions(config, scan))
+
+
 def dataset_files(dataset: str | Path) -> dict[str, bytes]:
     """Every file of a dataset directory by relative name (to compare runs byte for byte).
 

@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import preprocess_config
-from mmdata import storage
+from helpers import partitioned_job, preprocess_config
 from mmdata.config import to_dict
 from mmdata.prep.config import RayConfig
 from mmdata.prep.executor import (ProcessExecutor, RayExecutor, SerialExecutor, executor_settled, make_executor,
                                   worth_parallel)
-from mmdata.prep.partition import Job, partition_fingerprint, run_partition
+from mmdata.prep.partition import partition_fingerprint, run_partition
 from mmdata.prep import pipeline
-from mmdata.prep.pipeline import STORE, ReuseCheck, get_tokenizer, iter_partitions, job_salt, label_mapping, scan_input
+from mmdata.prep.pipeline import ReuseCheck
 
 HEAVY = ("torch", "torchaudio", "ray")
 
@@ -98,11 +97,7 @@ def test_the_driver_looks_ahead_only_as_far_as_the_choice_needs(monkeypatch):
 
 @pytest.fixture()
 def job_and_partitions(demo_dir, tmp_path):
-    config = preprocess_config(demo_dir / "manifest.jsonl", tmp_path, "output.samples_per_shard=10")
-    scan = scan_input(config)
-    tokenizer, labels = get_tokenizer(config, scan), label_mapping(scan)
-    job = Job(config, tokenizer, labels, job_salt(config, tokenizer, labels), storage.join(str(tmp_path), STORE))
-    return job, list(iter_partitions(config, scan))
+    return partitioned_job(demo_dir / "manifest.jsonl", tmp_path, 10)
 
 
 def test_the_reuse_check_hands_out_only_what_the_store_lacks(job_and_partitions):

@@ -7,21 +7,16 @@ from dataclasses import replace
 
 import pytest
 
-from helpers import preprocess_config
+from helpers import partitioned_job, preprocess_config
 from mmdata import storage
 from mmdata.prep.executor import SerialExecutor, make_executor, RayExecutor, run_with_progress
 from mmdata.prep.partition import SUMMARY, Job, PartitionSummary, modality_encoders, raw_input, run_partition
-from mmdata.prep.pipeline import STORE, get_tokenizer, iter_partitions, job_salt, label_mapping, scan_input
 from mmdata.prep.text import load_tokenizer
 
 
 @pytest.fixture()
 def job_and_partitions(demo_dir, tmp_path):
-    config = preprocess_config(demo_dir / "manifest.jsonl", tmp_path, "output.samples_per_shard=20")
-    scan = scan_input(config)
-    tokenizer, labels = get_tokenizer(config, scan), label_mapping(scan)
-    job = Job(config, tokenizer, labels, job_salt(config, tokenizer, labels), storage.join(str(tmp_path), STORE))
-    return job, list(iter_partitions(config, scan))
+    return partitioned_job(demo_dir / "manifest.jsonl", tmp_path, 20)
 
 
 def test_every_encoder_takes_raw_input_and_config_and_gives_members_and_info(job_and_partitions):
