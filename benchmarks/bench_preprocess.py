@@ -48,10 +48,13 @@ def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> tuple[dict, l
     """Samples/s of each modality's code and of all together, single process; and the members it made."""
     import torch
     from mmdata.config import from_dict
+    from mmdata.prep.audio import encode_audio
     from mmdata.prep.config import PreprocessConfig
-    from mmdata.prep.partition import Job, build_sample, modality_encoders, raw_input
+    from mmdata.prep.image import encode_image
+    from mmdata.prep.members import raw_input
+    from mmdata.prep.partition import Job
     from mmdata.prep.sources import iter_records
-    from mmdata.prep.text import load_tokenizer
+    from mmdata.prep.text import encode_text, load_tokenizer
     from mmdata.storage import read_bytes
     torch.set_num_threads(1)
     config = from_dict(PreprocessConfig, config_dict)
@@ -59,7 +62,8 @@ def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> tuple[dict, l
     tokenizer = load_tokenizer(model)
     records = [r for _, r in zip(range(limit), iter_records(config.input))]
     job = Job(config, model, None, "", "")
-    encoders = modality_encoders(tokenizer)
+    encoders = {"text": functools.partial(encode_text, tokenizer=tokenizer), "image": encode_image,
+                "audio": encode_audio}
     encode = lambda modality, raw: encoders[modality](raw_input(modality, raw, job), getattr(config, modality))  # noqa: E731
     for record in records[:20]:  # warm caches (resample kernels, mel filterbanks) as a long job would
         for modality in encoders:
@@ -72,14 +76,14 @@ def kernel_rates(config_dict: dict, manifest: Path, limit: int) -> tuple[dict, l
         for raw in items:
             encode(modality, raw)
         rates[modality] = len(items) / (time.perf_counter() - start)
-    labels = {name: i for i, name in enumerate(sorted({str(r.label) for r in records}))}
-    job = Job(config, model, labels, "", "")
-    built = []
+    members = []
     start = time.perf_counter()
-    for record in records:
-        built.append(build_sample(record, job, encoders, False)[0])
+    for record in records:   # every modality of a sample, one sample after another
+        for modality in encoders:
+            if getattr(record, modality) is not None:
+                members.extend(encode(modality, getattr(record, modality))[0].values())
     rates["all"] = len(records) / (time.perf_counter() - start)
-    return rates, [data for sample in built if sample for data in sample[0].values()]
+    return rates, members
 
 
 def checksum_seconds(members: list[bytes], repeats: int = 7) -> float:
@@ -272,6 +276,58 @@ def executor_break_even(work: Path, data: Path, tokenizer: str, cpus: int, sizes
               f"auto (default) {seconds['auto']:.1f} s")
 
 
+REBUILD_CHANGES = ("image.size=96", "text.vocab_size=384", "audio.n_mels=80")
+REBUILD_GOALS = {"image.size=96": 0.40, "text.vocab_size=384": 0.25, "audio.n_mels=80": 0.75}
+
+
+def rebuild_figures(work: Path, data: Path, cpus: int) -> None:
+    """What a change of one modality's settings costs after a full build, against the full build, both in
+    this run: the demo config with its tokenizer trained on the input (so text.vocab_size means a new
+    tokenizer), on a pool of local processes. Then assembly alone (a new output.max_shard_bytes: every member
+    cached, nothing computed) on one process, in shard MB/s; and the size of the member cache beside the
+    shards it was assembled into."""
+    root = work / "rebuild"
+    shutil.rmtree(root, ignore_errors=True)
+
+    def run(*overrides: str, executor: str = "processes") -> tuple[dict, float]:
+        config = bench_config(data / "manifest.jsonl", root, None, cpus, executor)
+        from mmdata.config import load_config, to_dict
+        from mmdata.prep.config import PreprocessConfig
+        path = work / "rebuild.yaml"
+        path.write_text(yaml.safe_dump(config))
+        full = to_dict(load_config(PreprocessConfig, path, list(overrides)))
+        path.write_text(yaml.safe_dump(full))
+        summary, seconds, _ = run_preprocess(path)
+        return summary, seconds
+
+    full, full_wall = run()
+    base = full["phases"]["partitions"]
+    print(f"rebuild after one change, {data.name} ({cpus} processes); full build: partition phase {base:.1f} s, "
+          f"wall clock {full_wall:.1f} s")
+    for change in REBUILD_CHANGES:
+        summary, wall = run(change)
+        ratio = summary["phases"]["partitions"] / base
+        print(f"  {change:<20} partition phase {summary['phases']['partitions']:.1f} s = {ratio:.2f} of the full "
+              f"build (goal <= {REBUILD_GOALS[change]:.2f}); wall clock {wall:.1f} s = {wall / full_wall:.2f} "
+              f"(tokenizer {summary['phases']['tokenizer']:.1f} s); {summary['members']}")
+    summary, _ = run("output.max_shard_bytes=1000000000", executor="serial")
+    megabytes = float(summary["shards"].split(", ")[1].split()[0])
+    seconds = summary["phases"]["partitions"]
+    print(f"  assembly alone (every member cached), 1 process: {megabytes:.0f} MB of shards in {seconds:.2f} s = "
+          f"{megabytes / seconds:.0f} MB/s per core (goal >= 300)")
+    store = root / ".store"
+    members = sum(p.stat().st_size for p in (store / "members").rglob("*") if p.is_file())
+    inodes = {}
+    for path in root.rglob("*"):
+        if path.is_file() and ".store/members" not in str(path):
+            st = path.stat()
+            inodes[st.st_ino] = st.st_size
+    datasets = len([p for p in root.glob("bench-*/dataset.json")])
+    print(f"  store: member cache {members / 1e6:.0f} MB for {datasets} datasets whose shards, index and store "
+          f"entries take {sum(inodes.values()) / 1e6:.0f} MB (hard-linked); the cache adds "
+          f"{members / sum(inodes.values()):.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=3000, help="samples for the throughput run")
@@ -285,7 +341,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[20, 250, 1000, 2000],
                         help="job sizes timed in-process, on processes and with auto (0 sizes: skip)")
     parser.add_argument("--photos", type=int, default=3000, help="photos for the img2dataset comparison (0: skip it)")
+    parser.add_argument("--rebuild-n", type=int, default=2000, help="demo samples for the rebuild figures (0: skip)")
+    parser.add_argument("--rebuild-only", action="store_true", help="run only the rebuild figures")
     args = parser.parse_args()
+    if args.rebuild_only:
+        args.image_n = 0
     if args.image_n > 0:
         image_kernel(args.image_n)
     if args.image_only:
@@ -297,12 +357,19 @@ def main() -> None:
     data = work / f"demo-{args.n}"
     if not (data / "manifest.jsonl").exists():
         generate_demo(data, args.n, seed=0)
-    if args.audio_n > 0:
+    if args.audio_n > 0 and not args.rebuild_only:
         from mmdata.config import load_config
         from mmdata.prep.config import PreprocessConfig
         demo = load_config(PreprocessConfig, Path(__file__).parents[1] / "pipelines/demo.yaml")
         audio_kernel(sorted((data / "audio").iterdir())[:args.audio_n], demo.audio)
     if args.kernels_only:
+        return
+    if args.rebuild_n > 0:
+        data_r = work / f"demo-{args.rebuild_n}"
+        if not (data_r / "manifest.jsonl").exists():
+            generate_demo(data_r, args.rebuild_n, seed=0)
+        rebuild_figures(work, data_r, args.cpus)
+    if args.rebuild_only:
         return
     if args.photos > 0:
         vs_img2dataset.compare(work, args.photos, per_shard=500, rounds=2)

@@ -84,4 +84,5 @@ def parse_summary(out: str) -> dict:
     lines = {line[:10].strip(): line[11:] for line in out.splitlines() if len(line) > 11}
     phases = dict(part.rsplit(" ", 2)[:2] for part in lines.get("phases", "").split(", ") if part)
     return {"time": lines.get("time", ""), "status": lines.get("status", ""), "samples": lines.get("samples", ""),
+            "members": lines.get("members", ""), "shards": lines.get("shards", ""), "dataset": lines.get("dataset", ""),
             "phases": {k: float(v) for k, v in phases.items()}}

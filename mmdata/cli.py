@@ -136,13 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=run_show)
 
     p = sub.add_parser("gc", help="remove store entries that no finished dataset in ROOT uses",
-                       description="Remove <ROOT>/.store entries (built partitions) that no finished dataset "
-                                   "in ROOT lists. Datasets are never touched; a running preprocess is never "
-                                   "disturbed (gc refuses while one runs).")
+                       description="Remove <ROOT>/.store entries (built partitions, and the cached members "
+                                   "of each modality) that no finished dataset in ROOT uses. Datasets are never "
+                                   "touched; a running preprocess is never disturbed (gc refuses while one runs).")
     p.add_argument("root", help="an output.root of mmdata preprocess (a local folder)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.add_argument("--keep-days", type=non_negative_float, default=0.0,
                    help="keep unused entries written in the last N days (default 0)")
+    p.add_argument("--drop-members", action="store_true",
+                   help="also remove the member cache that finished datasets were assembled from (frees about "
+                        "their size again; the datasets stay whole, but a later change of one modality's "
+                        "settings recomputes every modality)")
     p.set_defaults(run=run_gc)
     return parser
 
@@ -168,6 +172,7 @@ def run_preprocess(args) -> int:
 
 
 def format_result(result) -> str:
+    from mmdata.dataset import lineage_text
     t = result.totals
     rate = t.samples_in / max(result.seconds, 1e-9)
     what = ("reused dataset (nothing to do)" if result.reused_dataset and not result.partitions_built
@@ -178,6 +183,7 @@ def format_result(result) -> str:
         f"samples    {t.written} written, {t.rejected} rejected, {t.samples_in} input",
         "modalities " + (", ".join(f"{m} {n}" for m, n in t.modalities.items()) or "none"),
         "errors     " + (", ".join(f"{r} {n}" for r, n in t.errors_by_reason.items()) or "none"),
+        "members    " + (lineage_text(result.lineage) or "none"),
         f"shards     {t.shards}, {t.bytes / 1e6:.1f} MB",
         f"time       {result.seconds:.1f} s, {rate:.0f} samples/s on {result.nodes} node(s), executor {result.executor}",
         "phases     " + ", ".join(f"{k} {v:.1f} s" for k, v in result.phases.items()),
@@ -195,7 +201,7 @@ def run_demo(args) -> int:
 def run_gc(args) -> int:
     from mmdata.prep.store import StoreBusy, collect
     try:
-        result = collect(args.root, args.dry_run, args.keep_days)
+        result = collect(args.root, args.dry_run, args.keep_days, drop_members=args.drop_members)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -207,6 +213,8 @@ def run_gc(args) -> int:
         print(f"{verb} .store/{entry} ({size / 1e6:.1f} MB)")
     print(f"{verb} {len(result.removed)} unused entries, {'would free' if args.dry_run else 'freed'} "
           f"{result.freed / 1e6:.1f} MB; kept {result.in_use} used by {result.datasets} finished datasets"
+          + (f" and the {result.members_in_use} member entries they were assembled from" if result.members_in_use
+             else "")
           + (f" and {result.recent} written in the last {args.keep_days:g} days" if args.keep_days else ""))
     return 0
 

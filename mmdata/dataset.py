@@ -103,6 +103,10 @@ class DatasetDescription:
     source: dict[str, Any]            # the input it was built from (manifest or tars, rows)
     config: dict[str, Any]            # the full preprocess config, for the record
     versions: dict[str, str]          # library versions that built it
+    # the fingerprint of every output-affecting setting (datasets with the same one differ only in their input
+    # rows), and per member group: partitions computed for it, reused from the store, and from which datasets
+    config_fingerprint: str = ""
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -149,16 +153,20 @@ class DatasetDescription:
                    image_size=get("config.image.size", int), n_mels=get("config.audio.n_mels", int),
                    sample_rate=get("config.audio.sample_rate", int), tokenizer=tokenizer,
                    labels=labels, shards=shards, totals=totals,
-                   source=get("source", dict), config=get("config", dict), versions=get("versions", dict))
+                   source=get("source", dict), config=get("config", dict), versions=get("versions", dict),
+                   config_fingerprint=get("config_fingerprint", str, optional=True) or "",
+                   lineage=get("lineage", dict, optional=True) or {})
 
 
 def description_json(name: str, fingerprint: str, config: dict, source: dict, labels: dict[str, int] | None,
-                     tokenizer: TokenizerInfo, shards: list[ShardInfo], totals: Totals, versions: dict) -> dict:
+                     tokenizer: TokenizerInfo, shards: list[ShardInfo], totals: Totals, versions: dict,
+                     config_fingerprint: str = "", lineage: dict | None = None) -> dict:
     """The dataset.json document that ``DatasetDescription.from_json`` reads back."""
     return {"format_version": FORMAT_VERSION, "processing_version": PROCESSING_VERSION, "name": name,
             "fingerprint": fingerprint, "config": config, "source": source, "labels": labels,
             "tokenizer": asdict(tokenizer), "shards": [asdict(s) for s in shards], "index": INDEX_DIR,
-            "totals": totals.to_json(), "versions": versions}
+            "totals": totals.to_json(), "versions": versions, "config_fingerprint": config_fingerprint,
+            "lineage": lineage or {}}
 
 
 class Fields:
@@ -205,6 +213,17 @@ def load_description(dataset: str, storage_options: dict | None = None) -> Datas
         raise DatasetError(f"{url} cannot be read ({e}); check the path and its permissions") from None
     return DatasetDescription.from_json(doc, dataset)
 
+
+def lineage_text(lineage: dict, separator: str = "; ") -> str:
+    """Per member group: partitions computed and reused, and where from (``mmdata info``, the run summary)."""
+    parts, order = [], ("text", "image", "audio", "waveform")
+    for group, use in sorted(lineage.items(), key=lambda item: (order + (item[0],)).index(item[0])):
+        if not isinstance(use, dict):
+            continue
+        text = f"{group} built {use.get('built', 0)}, reused {use.get('reused', 0)}"
+        sources = use.get("from") or []
+        parts.append(text + (f" (from {', '.join(map(str, sources))})" if sources else ""))
+    return separator.join(parts)
 
 def dataset_dir(root: str, name: str, fingerprint: str) -> str:
     """Where preprocessing puts the dataset ``name`` with ``fingerprint``: ``<root>/<name>-<fingerprint[:12]>``."""

@@ -106,6 +106,16 @@ def encode_audio(data: bytes, config: AudioConfig) -> tuple[dict[str, bytes], di
     ``info`` describes the input (duration, sample_rate, channels as found)
     and the output (``samples`` fed to the mel transform, mel ``frames``).
     """
+    wave, info = decode_clip(data, config)
+    members, info = mel_members(wave, info, config)
+    if config.keep_waveform:
+        members.update(waveform_members(wave, config))
+    return members, info
+
+
+def decode_clip(data: bytes, config: AudioConfig) -> tuple[torch.Tensor, dict]:
+    """The clip as the mono waveform the features are made from (resampled, trimmed or padded), and the info
+    on the input: what the mel and the FLAC members share (the member cache keeps them apart)."""
     if not data:
         raise SampleError("empty_audio", "audio file is 0 bytes")
     mono, rate, channels, duration = _decode(data, config)
@@ -113,13 +123,18 @@ def encode_audio(data: bytes, config: AudioConfig) -> tuple[dict[str, bytes], di
         raise SampleError("audio_too_short",
                           f"audio is {duration:.2f} s, under audio.min_seconds={config.min_seconds}")
     wave = _fit_length(_resample(mono, rate, config.sample_rate), config)
+    return wave, {"duration": duration, "sample_rate": rate, "channels": channels, "samples": int(wave.numel())}
+
+
+def mel_members(wave: torch.Tensor, info: dict, config: AudioConfig) -> tuple[dict[str, bytes], dict]:
+    """``{"mel.npy"}`` and the info with the mel's ``frames``."""
     mel = _log_mel(wave, config)
-    members = {MEL: _npy_bytes(mel)}
-    if config.keep_waveform:
-        members[FLAC] = _flac_bytes(wave.numpy(), config.sample_rate)
-    info = {"duration": duration, "sample_rate": rate, "channels": channels,
-            "frames": int(mel.shape[1]), "samples": int(wave.numel())}
-    return members, info
+    return {MEL: _npy_bytes(mel)}, {**info, "frames": int(mel.shape[1])}
+
+
+def waveform_members(wave: torch.Tensor, config: AudioConfig) -> dict[str, bytes]:
+    """``{"flac"}``: the waveform as 16-bit FLAC (audio.keep_waveform)."""
+    return {FLAC: _flac_bytes(wave.numpy(), config.sample_rate)}
 
 
 def _decode(data: bytes, config: AudioConfig) -> tuple[np.ndarray, int, int, float]:

@@ -27,13 +27,13 @@ from typing import Iterable, Iterator, Protocol
 from tqdm import tqdm
 
 from mmdata.prep.config import RayConfig
-from mmdata.prep.partition import Job, PartitionSummary, run_partition
+from mmdata.prep.partition import Job, PartitionKeys, PartitionSummary, run_partition
 from mmdata.prep.sources import Record
 from mmdata.schema import MODALITIES
 
-# (k, records, duplicates) or (k, records, duplicates, fingerprint): the fingerprint when the driver checked the
-# store for it already (None or absent: the task fingerprints the rows itself)
-Partitions = Iterable[tuple[int, list[Record], set[int]] | tuple[int, list[Record], set[int], str | None]]
+# (k, records, duplicates) or (k, records, duplicates, keys): the partition's keys when the driver checked the
+# store for them already (None or absent: the task fingerprints the rows itself)
+Partitions = Iterable[tuple[int, list[Record], set[int]] | tuple[int, list[Record], set[int], PartitionKeys | None]]
 # What a Ray worker imports before its first partition, by the modalities the job has: audio's torch is most of it
 WARM_IMPORTS = {"text": ("sentencepiece",), "image": ("PIL.Image",), "audio": ("torch", "torchaudio")}
 
@@ -249,10 +249,10 @@ def run_with_progress(executor: Executor, job: Job, partitions: Partitions, tota
 
 
 def run_partition_on_node(job: Job, k: int, records: list[Record], duplicates: set[int],
-                          fingerprint: str | None = None) -> PartitionSummary:
+                          keys: PartitionKeys | None = None) -> PartitionSummary:
     """run_partition, plus which Ray node ran it (for the run summary)."""
     import ray
-    return replace(run_partition(job, k, records, duplicates, fingerprint),
+    return replace(run_partition(job, k, records, duplicates, keys),
                    node=ray.get_runtime_context().get_node_id())
 
 

@@ -6,42 +6,42 @@ label mapping), fingerprints the rows, and either finds a finished result
 for that fingerprint in the store or builds it. A result is finished when
 its ``summary.json`` exists; it is written last.
 
-    rows -> per sample: each modality's encoder (raw input, config) -> members + info
-         -> the sample's json + label -> ShardWriter (tar + index) -> summary
+    rows -> each group's member entry (text, image, audio, waveform: members.py), found in the store or
+            computed one modality at a time
+         -> per sample: the entries' outcomes -> kept or rejected, the sample's json + label
+         -> ShardWriter (tar + index) -> summary
+
+A sample's fate is decided here, at assembly, from each modality's outcome and the config, exactly as
+when everything is computed at once; so a shard assembled from members cached by other runs is the same
+bytes as one built from scratch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
 import re
 import tempfile
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from mmdata import storage
 from mmdata.dataset import ShardInfo, Totals, sorted_counts
-from mmdata.prep.audio import encode_audio
 from mmdata.prep.config import PreprocessConfig
-from mmdata.prep.image import encode_image
-from mmdata.prep.inputs import ReadSettings, read_input, too_large, with_timeouts
+from mmdata.prep.inputs import read_input
+from mmdata.prep.members import GROUP_MODALITY, Entry, MemberStore, encode_groups, member_keys, read_settings
 from mmdata.prep.sources import Record
-from mmdata.prep.text import encode_text, load_tokenizer
+from mmdata.prep.text import load_tokenizer
 from mmdata.schema import ERRORS_JSONL, JSON, LABEL, MODALITIES, SampleError, index_name, make_key
 
 SUMMARY = "summary.json"
 # reasons raised while reading a row's file rather than processing it (the error entry's stage)
 READ_REASONS = ("missing_file", "unreadable_file", "not_regular_file", "file_too_large", "timeout", "unsupported_url")
-
-# (raw input, the modality's config) -> (members, info); text's encoder gets the tokenizer bound
-Encoder = Callable[[Any, Any], tuple[dict[str, bytes], dict]]
 
 
 @dataclass
@@ -55,6 +55,26 @@ class Job:
 
 
 @dataclass(frozen=True)
+class PartitionKeys:
+    """Where partition ``k``'s work lives in the store: its finished result (``fingerprint``) and each
+    group's member entry (``members``: group -> key; members.py)."""
+    fingerprint: str
+    members: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemberUse:
+    """One member entry a partition's shards were assembled from."""
+    group: str
+    key: str
+    built: bool              # computed by the run that built the partition (else found in the store)
+    built_by: dict           # the run that computed it: {"name", "config_fingerprint"}
+
+    def to_json(self) -> dict:
+        return {"group": self.group, "key": self.key, "built": self.built, "built_by": self.built_by}
+
+
+@dataclass(frozen=True)
 class PartitionSummary:
     """What a partition task returns (and keeps as summary.json in the store)."""
     partition: int = 0
@@ -64,11 +84,13 @@ class PartitionSummary:
     seconds: float = 0.0
     reused: bool = False            # found finished in the store
     node: str = ""                  # the Ray node that ran it ("" in-process)
+    members: tuple[MemberUse, ...] = ()
 
     def to_json(self) -> dict:
         return {**self.totals.to_json(), "partition": self.partition, "fingerprint": self.fingerprint,
                 "seconds": self.seconds, "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes}
-                                                    for s in self.shards]}
+                                                    for s in self.shards],
+                "members": [m.to_json() for m in self.members]}
 
     @classmethod
     def from_json(cls, doc: dict) -> "PartitionSummary":
@@ -76,23 +98,45 @@ class PartitionSummary:
                        for s in doc["shards"])
         totals = Totals(doc["samples_in"], doc["written"], doc["rejected"], doc["bytes"], len(shards),
                         doc["modalities"], doc["errors_by_reason"])
-        return cls(doc["partition"], doc["fingerprint"], shards, totals, doc["seconds"])
+        members = tuple(MemberUse(m["group"], m["key"], m["built"], m["built_by"]) for m in doc.get("members", ()))
+        return cls(doc["partition"], doc["fingerprint"], shards, totals, doc["seconds"], members=members)
 
 
-def partition_fingerprint(job: Job, k: int, records: list[Record]) -> str:
+def partition_keys(job: Job, k: int, records: list[Record], duplicates: set[int]) -> PartitionKeys:
+    """The partition's fingerprint (the job's salt, k, every row's identity and which rows repeat an
+    earlier id) and its member entries' keys; each file's identity is taken once for both."""
     digest = hashlib.sha256(f"{job.salt}\0{k}".encode())
+    inputs = []
     for record in records:
-        digest.update(row_identity(record, job).encode("utf-8", "surrogatepass"))
+        identity = input_identities(record, job)
+        text = record.text.hex() if isinstance(record.text, bytes) else record.text
+        fields = [record.row, record.id, text, identity, record.label, record.meta, record.error]
+        digest.update(json.dumps(fields, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
-    return digest.hexdigest()[:32]
+        inputs.append(None if rejected_before_encoding(record, job, duplicates) else {"text": text, **identity})
+    if duplicates:   # an edit earlier in the input can make a row here a repeat (or no longer one)
+        digest.update(json.dumps(sorted(duplicates)).encode())
+    return PartitionKeys(digest.hexdigest()[:32], member_keys(job, inputs))
 
 
-def row_identity(record: Record, job: Job) -> str:
-    """Everything about a row that could change its output, as a string."""
-    refs = {m: file_identity(getattr(record, m), job) for m in ("image", "audio")}
-    text = record.text.hex() if isinstance(record.text, bytes) else record.text
-    fields = [record.row, record.id, text, refs, record.label, record.meta, record.error]
-    return json.dumps(fields, sort_keys=True, default=str)
+def partition_fingerprint(job: Job, k: int, records: list[Record], duplicates: set[int] = frozenset()) -> str:
+    return partition_keys(job, k, records, duplicates).fingerprint
+
+
+def input_identities(record: Record, job: Job) -> dict:
+    """The identities of a row's image and audio files: what "the same file" means for reuse."""
+    return {m: file_identity(getattr(record, m), job) for m in ("image", "audio")}
+
+
+def rejected_before_encoding(record: Record, job: Job, duplicates: set[int]) -> bool:
+    """Rows no modality is computed for: a bad row, a repeated id, an invalid label."""
+    if record.error or record.row in duplicates:
+        return True
+    try:
+        map_label(record.label, job.labels)
+    except SampleError:
+        return True
+    return False
 
 
 def file_identity(ref: str | bytes | None, job: Job) -> Any:
@@ -109,6 +153,7 @@ def file_identity(ref: str | bytes | None, job: Job) -> Any:
         if storage.is_local(ref):
             st = storage.local_path(ref).stat()
             return [ref, st.st_size, st.st_mtime_ns]
+        from mmdata.prep.inputs import with_timeouts
         fs, path = storage.filesystem(ref, with_timeouts(ref, read_settings(job.config)))
         info = fs.info(path)
         return [ref, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))]
@@ -119,18 +164,17 @@ def file_identity(ref: str | bytes | None, job: Job) -> Any:
 
 
 def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int],
-                  fingerprint: str | None = None) -> PartitionSummary:
-    """Reuse or build partition ``k``; ``reused`` in the summary says which. ``fingerprint``: the rows'
-    fingerprint when the caller has computed it already (the driver's reuse check)."""
-    fingerprint = fingerprint or partition_fingerprint(job, k, records)
-    result = storage.join(job.store, fingerprint)
+                  keys: PartitionKeys | None = None) -> PartitionSummary:
+    """Reuse or build partition ``k``; ``reused`` in the summary says which. ``keys``: the partition's keys
+    when the caller has computed them already (the driver's reuse check)."""
+    keys = keys or partition_keys(job, k, records, duplicates)
+    result = storage.join(job.store, keys.fingerprint)
     options = job.config.output.storage_options
     stored = stored_summary(result, options)   # checked again: another run may have finished it meanwhile
     if stored is not None:
         return replace(stored, reused=True)
     start = time.perf_counter()
-    with one_torch_thread(any(r.audio is not None for r in records)):
-        summary = store_partition(job, k, fingerprint, records, duplicates, result)
+    summary = store_partition(job, k, keys, records, duplicates, result)
     summary = replace(summary, seconds=round(time.perf_counter() - start, 3))
     storage.write_json(storage.join(result, SUMMARY), summary.to_json(), options)
     return summary
@@ -138,9 +182,9 @@ def run_partition(job: Job, k: int, records: list[Record], duplicates: set[int],
 
 @contextlib.contextmanager
 def one_torch_thread(audio: bool):
-    """One torch thread while a partition is built (one task per core: intra-op threads would oversubscribe),
-    the caller's setting restored after (in-process runs share the process with, say, a trainer). torch is
-    imported only for partitions with audio: nothing else uses it."""
+    """One torch thread while a partition's audio is computed (one task per core: intra-op threads would
+    oversubscribe), the caller's setting restored after (in-process runs share the process with, say, a
+    trainer). torch is imported only when audio is computed: nothing else uses it."""
     if not audio:
         yield
         return
@@ -153,15 +197,15 @@ def one_torch_thread(audio: bool):
         torch.set_num_threads(before)
 
 
-def store_partition(job: Job, k: int, fingerprint: str, records: list[Record], duplicates: set[int],
+def store_partition(job: Job, k: int, keys: PartitionKeys, records: list[Record], duplicates: set[int],
                     result: str) -> PartitionSummary:
     """Build partition ``k`` into the store folder ``result`` (staged locally and uploaded for URLs)."""
     options = job.config.output.storage_options
     if storage.is_local(result):
-        summary = build_partition(job, k, fingerprint, records, duplicates, storage.local_path(result))
+        summary = build_partition(job, k, keys, records, duplicates, storage.local_path(result))
     else:
         with tempfile.TemporaryDirectory(prefix="mmdata-") as staging:
-            summary = build_partition(job, k, fingerprint, records, duplicates, Path(staging))
+            summary = build_partition(job, k, keys, records, duplicates, Path(staging))
             for path in sorted(Path(staging).rglob("*")):
                 if path.is_file():
                     storage.upload(path, storage.join(result, str(path.relative_to(staging))), options)
@@ -184,32 +228,49 @@ def files_intact(folder: str, shards, options: dict) -> bool:
                and storage.exists(storage.join(folder, index_name(s.name)), options) for s in shards)
 
 
-def build_partition(job: Job, k: int, fingerprint: str, records: list[Record], duplicates: set[int],
+def build_partition(job: Job, k: int, keys: PartitionKeys, records: list[Record], duplicates: set[int],
                     out: Path) -> PartitionSummary:
+    """Each group's entry found in the store or computed, then the shard(s) assembled from them."""
     from mmdata.shards import ShardWriter
     config = job.config
-    encoders = modality_encoders(load_tokenizer(job.tokenizer))
-    writer = ShardWriter(out, k, config.output.max_shard_bytes)
+    store, entries = MemberStore(job), {}
     try:
-        shards, errors, present, rejected = write_samples(job, writer, encoders, records, duplicates)
-    except BaseException:   # an error, a full disk, Ctrl-C: leave no temp file behind
-        writer.abort()
-        raise
-    shards = tuple(ShardInfo(s["name"], s["samples"], s["bytes"], k, fingerprint) for s in shards)
+        for group, key in keys.members.items():
+            found = store.find(group, key)
+            if found is not None:
+                entries[group] = found
+        missing = {g: key for g, key in keys.members.items() if g not in entries}
+        if missing:
+            encoded = [not rejected_before_encoding(r, job, duplicates) for r in records]
+            tokenizer = load_tokenizer(job.tokenizer) if "text" in missing else None
+            with one_torch_thread(any(GROUP_MODALITY[g] == "audio" for g in missing)):
+                entries.update(encode_groups(job, records, encoded, missing, store, tokenizer))
+        writer = ShardWriter(out, k, config.output.max_shard_bytes)
+        try:
+            shards, errors, present, rejected = write_samples(job, writer, entries, records, duplicates)
+        except BaseException:   # an error, a full disk, Ctrl-C: leave no temp file behind
+            writer.abort()
+            raise
+        uses = tuple(MemberUse(g, e.key, e.built, e.built_by) for g, e in sorted(entries.items()))
+    finally:
+        for entry in entries.values():
+            entry.close()
+        store.close()
+    shards = tuple(ShardInfo(s["name"], s["samples"], s["bytes"], k, keys.fingerprint) for s in shards)
     lines = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in errors)
     storage.write_bytes(str(out / ERRORS_JSONL), lines.encode(), {})
     totals = Totals(samples_in=len(records), written=len(records) - rejected, rejected=rejected,
                     bytes=sum(s.bytes for s in shards), shards=len(shards), modalities=sorted_counts(present),
                     errors_by_reason=sorted_counts(Counter(e["reason"] for e in errors)))
-    return PartitionSummary(k, fingerprint, shards, totals)
+    return PartitionSummary(k, keys.fingerprint, shards, totals, members=uses)
 
 
-def write_samples(job: Job, writer, encoders: dict[str, Encoder], records: list[Record], duplicates: set[int]):
-    """Build and write every sample; returns (the writer's shard list, error entries, modality counts,
+def write_samples(job: Job, writer, entries: dict[str, Entry], records: list[Record], duplicates: set[int]):
+    """Assemble and write every sample; returns (the writer's shard list, error entries, modality counts,
     rejected count)."""
     errors, present, rejected, keys = [], Counter(), 0, {}
-    for record, files in read_ahead(records, job, duplicates):
-        sample, sample_errors = build_sample(record, job, encoders, record.row in duplicates, files)
+    for i, record in enumerate(records):
+        sample, sample_errors = assemble_sample(record, i, job, entries, record.row in duplicates)
         key = make_key(record.id)
         if sample is not None and key in keys:   # two ids, one key: a shard must not hold it twice
             sample, sample_errors = None, sample_errors + [error_entry(
@@ -227,60 +288,16 @@ def write_samples(job: Job, writer, encoders: dict[str, Encoder], records: list[
     return writer.close(), errors, present, rejected
 
 
-def modality_encoders(tokenizer) -> dict[str, Encoder]:
-    """Each modality's encoder, in the order samples are encoded."""
-    return {"text": functools.partial(encode_text, tokenizer=tokenizer), "image": encode_image,
-            "audio": encode_audio}
-
-
 def error_entry(record: Record, modality: str, stage: str, reason: str, message: str, action: str) -> dict:
     return {"id": record.id, "row": record.row, "modality": modality, "stage": stage,
             "reason": reason, "error": message, "action": action}
 
 
-def read_ahead(records: list[Record], job: Job, duplicates: set[int]) -> Iterator[tuple[Record, dict | None]]:
-    """Each record with its image and audio files read (bytes, or the SampleError reading raised), by
-    ``input.read_threads`` threads a few records ahead of the one being encoded, in input order: a URL's
-    latency overlaps the encoding of the records before it. At most 2 x read_threads records' files are held.
-    One thread: (record, None), the files read when the sample is built."""
-    threads = job.config.input.read_threads
-    if threads <= 1:
-        yield from ((record, None) for record in records)
-        return
-
-    def read(record: Record) -> dict:
-        if record.error or record.row in duplicates:   # rejected before any file is needed
-            return {}
-        files = {}
-        for modality in ("image", "audio"):
-            raw = getattr(record, modality)
-            if raw is not None:
-                try:
-                    files[modality] = raw_input(modality, raw, job)
-                except SampleError as e:
-                    files[modality] = e
-        return files
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="mmdata-read") as pool:
-        ahead: deque = deque()
-        try:
-            for record in records:
-                ahead.append((record, pool.submit(read, record)))
-                if len(ahead) >= 2 * threads:
-                    record, files = ahead.popleft()
-                    yield record, files.result()
-            while ahead:
-                record, files = ahead.popleft()
-                yield record, files.result()
-        finally:   # an error or an interrupt: reads not started are not wanted
-            for _, files in ahead:
-                files.cancel()
-
-
-def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplicate: bool,
-                 files: dict | None = None):
-    """Returns ((members, index columns) or None when rejected, error entries). ``files``: the record's image
-    and audio already read (:func:`read_ahead`), else they are read here."""
+def assemble_sample(record: Record, i: int, job: Job, entries: dict[str, Entry], duplicate: bool):
+    """Row ``i``'s sample from its modalities' outcomes: ((members, index columns) or None when rejected,
+    error entries). The rules: a bad row, a repeated id or an invalid label rejects the sample before
+    anything else; a failed modality is dropped, or rejects the sample under its ``on_error: reject_sample``;
+    a sample with no modality left is rejected."""
     reject = lambda reason, message, modality="sample", stage="scan": (  # noqa: E731
         None, [error_entry(record, modality, stage, reason, message, "rejected")])
     if record.error:
@@ -292,22 +309,19 @@ def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplica
     except SampleError as e:
         return reject(e.reason, str(e), "label")
     members, info, errors, rejected = {}, {}, [], False
-    for modality, encode in encoders.items():
-        raw = getattr(record, modality)
-        if raw is None:
+    for modality in MODALITIES:
+        if getattr(record, modality) is None:
             continue
         config = getattr(job.config, modality)
-        try:
-            data = raw_input(modality, raw, job) if files is None or modality not in files else files[modality]
-            if isinstance(data, SampleError):
-                raise data
-            out, info[modality] = encode(data, config)
-            members.update(out)
-        except SampleError as e:
+        outcome = modality_outcome(modality, i, entries, config)
+        if isinstance(outcome, SampleError):
             action = "rejected" if config.on_error == "reject_sample" else "dropped_modality"
-            stage = "read" if e.reason in READ_REASONS else "process"
-            errors.append(error_entry(record, modality, stage, e.reason, f"{modality}: {e}", action))
+            stage = "read" if outcome.reason in READ_REASONS else "process"
+            errors.append(error_entry(record, modality, stage, outcome.reason, f"{modality}: {outcome}", action))
             rejected |= config.on_error == "reject_sample"
+        else:
+            members.update(outcome[0])
+            info[modality] = outcome[1]
     if rejected:
         return None, errors
     if not info:
@@ -320,25 +334,19 @@ def build_sample(record: Record, job: Job, encoders: dict[str, Encoder], duplica
     return (members, index_columns(record, label, info)), errors
 
 
-def raw_input(modality: str, raw, job: Job):
-    """What the encoder gets: the text as given; the bytes of an image or audio file, read here with the
-    modality's byte cap (inline bytes from input tars, which the tar reader caps at 1 GiB, meet it here)."""
-    if modality == "text":
-        return raw
-    cap = getattr(job.config, modality).max_bytes
-    if raw == "":
-        raise SampleError("missing_file", f"the {modality} path is an empty string; use null, or leave the key "
-                                          f"out, for a sample without {modality}")
-    if isinstance(raw, bytes):
-        if len(raw) > cap:
-            raise too_large(f"the {modality} member", f"{len(raw)} bytes", cap)
-        return raw
-    return read_input(raw, cap, read_settings(job.config))
-
-
-def read_settings(config: PreprocessConfig) -> ReadSettings:
-    i = config.input
-    return ReadSettings(i.storage_options, i.timeout_s, i.retries)
+def modality_outcome(modality: str, i: int, entries: dict[str, Entry], config):
+    """Row ``i``'s (members, info) for ``modality`` or its SampleError: audio's is the mel's outcome, with
+    the FLAC added under keep_waveform."""
+    outcome = entries[modality].outcome(i)
+    if outcome is None:
+        raise RuntimeError(f"the {modality} member entry {entries[modality].key} has no outcome for row {i}; "
+                           "remove that entry from the store's members/ folder and run again")
+    if modality != "audio" or not config.keep_waveform or isinstance(outcome, SampleError):
+        return outcome
+    waveform = entries["waveform"].outcome(i)
+    if isinstance(waveform, SampleError) or waveform is None:   # cannot fail where the mel succeeded
+        return waveform or SampleError("corrupt_audio", "no waveform was kept for this clip")
+    return {**outcome[0], **waveform[0]}, outcome[1]
 
 
 # Labels are class ids 0..MAX_LABEL (any integer-valued number or numeric string: 1, 1.0 and "1" are one

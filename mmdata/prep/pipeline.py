@@ -34,9 +34,10 @@ from mmdata.dataset import TokenizerInfo, Totals, dataset_dir, description_json
 from mmdata.prep.config import OutputConfig, PreprocessConfig
 from mmdata.prep.duplicates import DuplicateFinder, duplicates_between
 from mmdata.prep.executor import executor_settled, make_executor, run_with_progress
+from mmdata.prep.members import GROUP_MODALITY, MEMBERS_DIR
 from mmdata.prep.store import STORE, preprocess_lease
 from mmdata.prep.inputs import ReadSettings, read_input
-from mmdata.prep.partition import Job, PartitionSummary, files_intact, label_key, partition_fingerprint, stored_summary
+from mmdata.prep.partition import Job, PartitionKeys, PartitionSummary, files_intact, label_key, partition_keys, stored_summary
 from mmdata.prep.sources import Record, check_readable, iter_records
 from mmdata.prep.text import check_text, load_tokenizer, train_tokenizer
 from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, MODALITIES, PROCESSING_VERSION,
@@ -69,6 +70,7 @@ class Result:
     phases: dict = field(default_factory=dict)  # seconds per phase: scan, tokenizer, fingerprint, startup,
     #                                             partitions, assemble
     executor: str = "none"          # what built the partitions the store lacked: serial, processes, ray, or none
+    lineage: dict = field(default_factory=dict)  # per member group: partitions built and reused, reused from where
 
     @property
     def error_rate(self) -> float:
@@ -210,8 +212,8 @@ class ReuseCheck:
     and looked up in the store, in input order, a few partitions ahead on threads.
 
     Partitions found are collected in ``reused``; iterating yields the others, ``(k, records, duplicates,
-    fingerprint)``, for an executor. ``look_ahead`` checks until the work found settles the choice of executor
-    (holding that work's rows meanwhile); ``stop_checking`` hands the rest over unchecked (fingerprint None:
+    keys)``, for an executor. ``look_ahead`` checks until the work found settles the choice of executor
+    (holding that work's rows meanwhile); ``stop_checking`` hands the rest over unchecked (keys None:
     each Ray task fingerprints its own rows, in parallel across the cluster).
     """
 
@@ -243,16 +245,16 @@ class ReuseCheck:
             partition = next(self.partitions, None)
             if partition is None:
                 break
-            self.ahead.append((partition, self.pool.submit(check_partition, self.job, *partition[:2])))
+            self.ahead.append((partition, self.pool.submit(check_partition, self.job, *partition[:3])))
         if not self.ahead:
             self.done = self.done or self.checking
             return
         partition, future = self.ahead.popleft()
-        fingerprint, stored = future.result()
+        keys, stored = future.result()
         if stored is not None:
             self.reused.append(replace(stored, reused=True))
         else:
-            self.missing.append((*partition, fingerprint))
+            self.missing.append((*partition, keys))
             self.count, self.samples = self.count + 1, self.samples + len(partition[1])
             self.largest = max(self.largest, len(partition[1]))
 
@@ -270,10 +272,11 @@ class ReuseCheck:
                 self.done = True
 
 
-def check_partition(job: Job, k: int, records: list[Record]) -> tuple[str, PartitionSummary | None]:
-    """Partition ``k``'s fingerprint, and its finished result in the store if there is one."""
-    fingerprint = partition_fingerprint(job, k, records)
-    return fingerprint, stored_summary(storage.join(job.store, fingerprint), job.config.output.storage_options)
+def check_partition(job: Job, k: int, records: list[Record], duplicates: set[int]
+                    ) -> tuple[PartitionKeys, PartitionSummary | None]:
+    """Partition ``k``'s keys, and its finished result in the store if there is one."""
+    keys = partition_keys(job, k, records, duplicates)
+    return keys, stored_summary(storage.join(job.store, keys.fingerprint), job.config.output.storage_options)
 
 
 def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> Result:
@@ -325,19 +328,73 @@ def build(job: Job, scan: Scan, phases: dict, start: float, log: Callable[[str],
     if described and not reused:   # damaged since it was built: not complete until repaired
         log(f"repairing {dataset}: a shard or index it lists is missing or has another size")
         storage.remove(storage.join(dataset, DATASET_JSON), options)
-    if not reused:
-        assemble(job, dataset, fingerprint, summaries, totals, scan)
+    if reused:
+        lineage = storage.read_json(storage.join(dataset, DATASET_JSON), options).get("lineage") or {}
+    else:
+        lineage = member_lineage(job, summaries, dataset)
+        assemble(job, dataset, fingerprint, summaries, totals, scan, lineage)
     point_latest(config.output, dataset)
     phases["assemble"] = time.perf_counter() - mark
     n_reused = sum(s.reused for s in summaries)
     nodes = len({s.node for s in summaries if s.node}) or 1   # "": in this process
     return Result(dataset, fingerprint, reused, totals, n_reused, len(summaries) - n_reused,
                   time.perf_counter() - start, nodes, {k: round(v, 3) for k, v in phases.items()},
-                  executor.name if executor else "none")
+                  executor.name if executor else "none", lineage)
+
+
+def member_lineage(job: Job, summaries: list[PartitionSummary], dataset: str) -> dict:
+    """Per member group (text, image, audio, waveform): in how many partitions it was computed for this
+    dataset and in how many reused from members computed for other finished datasets in the root, named.
+
+    Members an interrupted earlier run of this same config computed count as computed for this dataset, so
+    a killed and resumed run, or two runs at once, record the same lineage as one uninterrupted run."""
+    found = any(not (use.built and not s.reused) for s in summaries for use in s.members)
+    finished = datasets_by_config(job.config.output, dataset) if found else {}
+    own = job.salt[:16]
+    counts, sources = {}, {}
+    for summary in summaries:
+        for use in summary.members:
+            source = str(use.built_by.get("config_fingerprint"))
+            computed = (use.built and not summary.reused) or (source == own and own not in finished)
+            count = counts.setdefault(use.group, {"built": 0, "reused": 0})
+            count["built" if computed else "reused"] += 1
+            if not computed:
+                names = finished.get(source) or [f"{use.built_by.get('name')} (config {source}: no finished "
+                                                  "dataset in the root)"]
+                sources.setdefault(use.group, set()).update(names)
+    return {group: {**counts[group], "from": sorted(sources.get(group, ()))}
+            for group in sorted(counts, key=lambda g: list(GROUP_MODALITY).index(g))}
+
+
+def datasets_by_config(output: OutputConfig, exclude: str) -> dict[str, list[str]]:
+    """config_fingerprint -> the names of the finished dataset directories in the root built with it
+    (``exclude`` left out). Unreadable descriptions are skipped: lineage is a record, not a check."""
+    found: dict[str, list[str]] = {}
+    try:
+        if storage.is_local(output.root):
+            base = storage.local_path(output.root)
+            urls = [str(p) for p in sorted(base.glob(f"*/{DATASET_JSON}")) if not p.parent.is_symlink()]
+        else:
+            fs, path = storage.filesystem(output.root, output.storage_options)
+            protocol = output.root.split("://")[0]
+            urls = [f"{protocol}://{p}" for p in sorted(fs.glob(f"{path.rstrip('/')}/*/{DATASET_JSON}"))]
+    except OSError:
+        return found
+    for url in urls:
+        folder = url.rsplit("/", 2)[-2]
+        if folder.startswith(".") or url.rsplit("/", 1)[0].rstrip("/") == exclude.rstrip("/"):
+            continue
+        try:
+            config_fingerprint = storage.read_json(url, output.storage_options).get("config_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(config_fingerprint, str):
+            found.setdefault(config_fingerprint, []).append(folder)
+    return found
 
 
 def assemble(job: Job, dataset: str, fingerprint: str, summaries: list[PartitionSummary], totals: Totals,
-             scan: Scan) -> None:
+             scan: Scan, lineage: dict) -> None:
     """Link partition results into the dataset directory; dataset.json goes last."""
     options = job.config.output.storage_options
     errors = []
@@ -352,17 +409,17 @@ def assemble(job: Job, dataset: str, fingerprint: str, summaries: list[Partition
     storage.write_bytes(storage.join(dataset, TOKENIZER_FILE), job.tokenizer, options)
     shards = [shard for s in summaries for shard in s.shards]
     storage.write_json(storage.join(dataset, DATASET_JSON),
-                       dataset_json(job, fingerprint, shards, totals, scan), options)
+                       dataset_json(job, fingerprint, shards, totals, scan, lineage), options)
 
 
-def dataset_json(job: Job, fingerprint: str, shards: list, totals: Totals, scan: Scan) -> dict:
+def dataset_json(job: Job, fingerprint: str, shards: list, totals: Totals, scan: Scan, lineage: dict) -> dict:
     config = job.config
     model = load_tokenizer(job.tokenizer)
     tokenizer = TokenizerInfo(TOKENIZER_FILE, hashlib.sha256(job.tokenizer).hexdigest(), model.vocab_size(),
                               config.text.tokenizer is None, model.bos_id(), model.eos_id(), model.pad_id())
     source = {"manifest": config.input.manifest, "tars": config.input.tar_urls() or None, "rows": scan.rows}
     return description_json(config.output.name, fingerprint, to_dict(config), source, job.labels, tokenizer,
-                            shards, totals, library_versions())
+                            shards, totals, library_versions(), job.salt[:16], lineage)
 
 
 def library_versions() -> dict[str, str]:
@@ -384,7 +441,7 @@ def remove_stale_temp_files(root: str) -> None:
         return   # object stores get whole-object uploads: no temp files
     base = storage.local_path(root)
     for folder in (base, *base.glob("*/"), *base.glob("*/index/"), *base.glob(f"{STORE}/*/"),
-                   *base.glob(f"{STORE}/*/index/")):
+                   *base.glob(f"{STORE}/*/index/"), *base.glob(f"{STORE}/{MEMBERS_DIR}/*/")):
         for path in storage.stale_temp_files(folder):
             path.unlink(missing_ok=True)
 

@@ -1,5 +1,11 @@
-"""The partition store, ``<output.root>/.store/<partition fingerprint>/``: who may use it at once, and
-``mmdata gc``, which removes the entries no finished dataset in the root uses.
+"""The store, ``<output.root>/.store/``: who may use it at once, and ``mmdata gc``, which removes the entries
+no finished dataset in the root uses.
+
+    .store/<partition fingerprint>/     a built partition: shards, index, errors.jsonl, summary.json (last)
+    .store/members/<group>-<key>/       one modality's members for one partition (members.py)
+
+Datasets hard-link their partitions' shards; a partition's summary.json lists the member entries it was
+assembled from. gc keeps the partitions a finished dataset lists and the member entries those partitions list.
 
 A run of ``mmdata preprocess`` holds a shared lock on ``.store/.lock`` from start to end (any number of runs
 at once); gc takes it exclusively, so it never removes an entry that a running preprocess is about to reuse
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from mmdata import storage
+from mmdata.prep.members import MEMBERS_DIR, entry_name
 from mmdata.schema import DATASET_JSON
 
 STORE = ".store"
@@ -64,7 +71,8 @@ def _locked(root: str, exclusive: bool, wait: bool, log: Callable[[str], None] =
 @dataclass
 class Collected:
     removed: list[tuple[str, int]] = field(default_factory=list)   # (entry, bytes freed), or that would be
-    in_use: int = 0          # entries a finished dataset lists
+    in_use: int = 0          # partition entries a finished dataset lists
+    members_in_use: int = 0  # member entries those partitions were assembled from
     recent: int = 0          # unused entries kept for being younger than keep_days
     datasets: int = 0        # finished datasets in the root
 
@@ -73,11 +81,13 @@ class Collected:
         return sum(size for _, size in self.removed)
 
 
-def collect(root: str, dry_run: bool = False, keep_days: float = 0.0, now: float | None = None) -> Collected:
-    """Remove (or, ``dry_run``, list) the store entries that no finished dataset in ``root`` lists and that
-    were last written more than ``keep_days`` ago. Raises StoreBusy while a preprocess holds the store, and
-    ValueError for a root that is not a local folder or a dataset.json it cannot read (gc would not know
-    what that dataset uses)."""
+def collect(root: str, dry_run: bool = False, keep_days: float = 0.0, now: float | None = None,
+            drop_members: bool = False) -> Collected:
+    """Remove (or, ``dry_run``, list) the store entries that no finished dataset in ``root`` uses and that
+    were last written more than ``keep_days`` ago; with ``drop_members``, every member entry too (the
+    datasets stay whole; a later change of settings recomputes every modality). Raises StoreBusy while a
+    preprocess holds the store, and ValueError for a root that is not a local folder or a dataset.json or
+    summary.json it cannot read (gc would not know what is used)."""
     if not storage.is_local(root):
         raise ValueError(f"{root}: gc works on local roots only; on object storage, expire {STORE}/ entries "
                          "with the bucket's lifecycle rules")
@@ -87,17 +97,53 @@ def collect(root: str, dry_run: bool = False, keep_days: float = 0.0, now: float
     now = time.time() if now is None else now
     with _locked(root, exclusive=True, wait=False):
         used, datasets = used_entries(base)
-        result = Collected(datasets=datasets)
-        for entry in sorted(p for p in (base / STORE).iterdir() if p.is_dir() and not p.is_symlink()):
-            if entry.name in used:
-                result.in_use += 1
+        result, kept = Collected(datasets=datasets), []
+
+        def remove(entry: Path, name: str) -> None:
+            result.removed.append((name, bytes_freed(entry)))
+            if not dry_run:
+                shutil.rmtree(entry)
+
+        for entry in folders(base / STORE):
+            if entry.name == MEMBERS_DIR:
+                continue
+            if entry.name in used or now - last_written(entry) < keep_days * 86400:
+                result.in_use += entry.name in used
+                result.recent += entry.name not in used
+                kept.append(entry)
+            else:
+                remove(entry, entry.name)
+        members = member_entries(kept)
+        for entry in folders(base / STORE / MEMBERS_DIR):
+            name = f"{MEMBERS_DIR}/{entry.name}"
+            if drop_members:
+                remove(entry, name)
+            elif entry.name in members:
+                result.members_in_use += 1
             elif now - last_written(entry) < keep_days * 86400:
                 result.recent += 1
             else:
-                result.removed.append((entry.name, bytes_freed(entry)))
-                if not dry_run:
-                    shutil.rmtree(entry)
+                remove(entry, name)
         return result
+
+
+def folders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink()) if path.is_dir() else []
+
+
+def member_entries(partitions: list[Path]) -> set[str]:
+    """The member entries the finished ones of these partition entries list in their summary.json."""
+    names = set()
+    for entry in partitions:
+        summary = entry / "summary.json"
+        if not summary.is_file():
+            continue   # not finished: it lists nothing yet
+        try:
+            names.update(entry_name(m["group"], m["key"]) for m in json.loads(summary.read_bytes()).get("members", ()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{summary}: cannot read its member list ({type(e).__name__}: {e}); remove that "
+                             "store entry (it is rebuilt when needed) before gc") from None
+    return names
 
 
 def used_entries(base: Path) -> tuple[set[str], int]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdata import storage
-from mmdata.dataset import SHARD_NAME, WIDS_INDEX, DatasetDescription, load_description
+from mmdata.dataset import SHARD_NAME, WIDS_INDEX, DatasetDescription, lineage_text, load_description
 from mmdata.schema import DATASET_JSON, ERRORS_JSONL, INDEX_DIR, index_name, one_line
 from mmdata.verify.shard import read_file, verify_shard
 
@@ -43,7 +43,10 @@ def describe(dataset: str) -> str:
     if t.errors_by_reason:
         lines.append("errors       " + ", ".join(f"{r} {n}" for r, n in t.errors_by_reason.items())
                      + f"  (details: {ERRORS_JSONL})")
+    if d.lineage:
+        lines.append("members      " + lineage_text(d.lineage, "\n             "))
     return "\n".join(lines)
+
 
 
 @dataclass

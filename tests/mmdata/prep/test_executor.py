@@ -17,7 +17,7 @@ from mmdata.config import to_dict
 from mmdata.prep.config import RayConfig
 from mmdata.prep.executor import (ProcessExecutor, RayExecutor, SerialExecutor, executor_settled, make_executor,
                                   worth_parallel)
-from mmdata.prep.partition import partition_fingerprint, run_partition
+from mmdata.prep.partition import partition_keys, run_partition
 from mmdata.prep import pipeline
 from mmdata.prep.pipeline import ReuseCheck
 
@@ -109,11 +109,11 @@ def test_the_reuse_check_hands_out_only_what_the_store_lacks(job_and_partitions)
     assert all(s.reused for s in check.reused) and [s.fingerprint for s in check.reused] == \
         [s.fingerprint for s in built]
     assert [p[0] for p in missing] == [1, 3, 4]
-    assert [p[3] for p in missing] == [partition_fingerprint(job, k, partitions[k][1]) for k in (1, 3, 4)]
+    assert [p[3] for p in missing] == [partition_keys(job, *partitions[k]) for k in (1, 3, 4)]
     assert (check.count, check.samples, check.largest) == (3, 28, 10)
-    # a partition built with the driver's fingerprint is what the task would have made of it
+    # a partition built with the driver's keys is what the task would have made of it
     again = run_partition(job, *missing[0])
-    assert again.fingerprint == missing[0][3] and not again.reused
+    assert again.fingerprint == missing[0][3].fingerprint and not again.reused
 
 
 def test_after_stop_checking_the_rest_goes_to_the_tasks_unchecked(job_and_partitions, monkeypatch):

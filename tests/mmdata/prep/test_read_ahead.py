@@ -1,4 +1,4 @@
-"""A partition's files are read a few records ahead by input.read_threads threads, so a URL's latency overlaps
+"""A partition's files are read a few rows ahead by input.read_threads threads, so a URL's latency overlaps
 the encoding; the shards and errors are the same whatever the thread count."""
 
 from __future__ import annotations

@@ -1,0 +1,339 @@
+"""The member cache: one modality's processed members for one partition, kept in the store, so that a run
+which changes one modality's settings computes that modality alone and assembles its shards from the rest.
+
+    <root>/.store/members/<group>-<key>/
+        members.bin   every member's bytes, back to back, in row order
+        entry.json    per row of the partition: null (no input for this group, or the row is rejected before
+                      anything is encoded), {"members": [[ext, offset, size], ...], "info": {...}} or
+                      {"error": [reason, message]}; and which run built it. Written last: an entry is complete
+                      when entry.json exists and members.bin has the size it records.
+
+A group is what one entry holds, and its key is everything those bytes depend on:
+
+    group     members             key: its settings (below), the processing and format versions, and each
+    text      txt, tokens.npy          row's input for it (the text; the file's identity for image and audio)
+    image     jpg | webp | png    settings: text -> the tokenizer's bytes and the text.* keys that shape
+    audio     mel.npy                 tokens; image -> image.*; audio -> audio.* but keep_waveform;
+    waveform  flac                    waveform -> the audio.* keys the waveform depends on
+                                      (kept only with audio.keep_waveform: true)
+
+``on_error`` is in no key: it decides at assembly what a failure does to its sample, not what the members
+are. Keys leave settings out by naming the ones that cannot matter, so a key that forgot a new setting
+rebuilds too often instead of reusing wrong bytes. The label, the metadata and the sample's json are made at
+assembly from the rows and the cached infos (cheap), so they are in no entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from mmdata import storage
+from mmdata.config import to_dict
+from mmdata.prep.inputs import ReadSettings, read_input, too_large
+from mmdata.schema import FORMAT_VERSION, PROCESSING_VERSION, SampleError
+
+if TYPE_CHECKING:
+    from mmdata.prep.config import PreprocessConfig
+    from mmdata.prep.partition import Job
+    from mmdata.prep.sources import Record
+
+MEMBERS_DIR = "members"          # under the store
+MEMBERS_BIN = "members.bin"
+ENTRY_JSON = "entry.json"
+
+GROUPS = ("text", "image", "audio", "waveform")
+GROUP_MODALITY = {"text": "text", "image": "image", "audio": "audio", "waveform": "audio"}
+# settings that decide nothing in a group's bytes (text: what trains the tokenizer, whose bytes are in the key)
+_NOT_IN_KEY = {
+    "text": ("tokenizer", "vocab_size", "model_type", "character_coverage", "train_samples", "on_error"),
+    "image": ("on_error",),
+    "audio": ("keep_waveform", "on_error"),
+    "waveform": ("n_mels", "n_fft", "hop_length", "win_length", "f_min", "f_max", "log_offset", "keep_waveform",
+                 "on_error"),
+}
+
+
+def job_groups(config: PreprocessConfig) -> tuple[str, ...]:
+    """The groups a job's samples are made of."""
+    return GROUPS if config.audio.keep_waveform else GROUPS[:3]
+
+
+def group_settings(group: str, config: PreprocessConfig, tokenizer: bytes) -> dict:
+    section = to_dict(getattr(config, GROUP_MODALITY[group]))
+    settings = {k: v for k, v in section.items() if k not in _NOT_IN_KEY[group]}
+    if group == "text":
+        settings["tokenizer"] = hashlib.sha256(tokenizer).hexdigest()
+    return settings
+
+
+def member_keys(job: Job, inputs: list[dict | None]) -> dict[str, str]:
+    """Each group's key for a partition whose rows have ``inputs`` (per row: the identity of each modality's
+    input, or None for a row rejected before encoding). Groups no row needs have no key."""
+    keys = {}
+    for group in job_groups(job.config):
+        modality = GROUP_MODALITY[group]
+        per_row = [None if row is None else row.get(modality) for row in inputs]
+        if all(value is None for value in per_row):
+            continue
+        settings = [group, group_settings(group, job.config, job.tokenizer), PROCESSING_VERSION, FORMAT_VERSION]
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+        for value in per_row:
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))
+            digest.update(b"\0")
+        keys[group] = digest.hexdigest()[:32]
+    return keys
+
+
+def entry_name(group: str, key: str) -> str:
+    return f"{group}-{key}"
+
+
+@dataclass
+class Entry:
+    """A complete entry, read back: each row's outcome and the members' bytes (memory-mapped)."""
+    group: str
+    key: str
+    outcomes: list
+    built_by: dict
+    data: Any = b""             # mmap or bytes
+    built: bool = False         # computed by this run (else found in the store)
+    _keep: list = field(default_factory=list)   # the open file behind ``data``
+
+    def outcome(self, i: int) -> tuple[dict[str, bytes], dict] | SampleError | None:
+        """Row ``i``: (members, info), the SampleError it failed with, or None (no input). The members are
+        copied out of the map (no view outlives the entry)."""
+        found = self.outcomes[i]
+        if found is None:
+            return None
+        if "error" in found:
+            return SampleError(*found["error"])
+        return {ext: self.data[offset:offset + size] for ext, offset, size in found["members"]}, found["info"]
+
+    def close(self) -> None:
+        if isinstance(self.data, mmap.mmap):
+            self.data.close()
+        for f in self._keep:
+            f.close()
+        self.data, self._keep = b"", []
+
+
+def load_entry(folder: Path, group: str, key: str) -> Entry | None:
+    """The complete entry in ``folder``, or None (missing, unfinished, or members.bin cut short: build it)."""
+    try:
+        doc = json.loads((folder / ENTRY_JSON).read_bytes())
+        f = open(folder / MEMBERS_BIN, "rb")
+    except (OSError, ValueError):
+        return None
+    size = os.fstat(f.fileno()).st_size
+    if doc.get("bytes") != size or len(doc.get("outcomes", ())) == 0:
+        f.close()
+        return None
+    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    return Entry(group, key, doc["outcomes"], doc.get("built_by", {}), data, _keep=[f])
+
+
+class EntryWriter:
+    """Writes one entry as its rows are encoded: members appended to members.bin (nothing held in memory but
+    the outcomes), entry.json last."""
+
+    def __init__(self, folder: Path, group: str, key: str, rows: int):
+        self.folder, self.group, self.key = folder, group, key
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tmp = storage.temp_path(folder / MEMBERS_BIN)
+        self.file = open(self.tmp, "wb")
+        self.outcomes: list = [None] * rows
+        self.offset = 0
+
+    def add(self, i: int, members: dict[str, bytes], info: dict) -> None:
+        placed = []
+        for ext, data in members.items():
+            self.file.write(data)
+            placed.append([ext, self.offset, len(data)])
+            self.offset += len(data)
+        self.outcomes[i] = {"members": placed, "info": info}
+
+    def fail(self, i: int, error: SampleError) -> None:
+        self.outcomes[i] = {"error": [error.reason, str(error)]}
+
+    def finish(self, built_by: dict) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.folder / MEMBERS_BIN)
+        doc = {"group": self.group, "key": self.key, "bytes": self.offset, "built_by": built_by,
+               "outcomes": self.outcomes}
+        storage.write_bytes(str(self.folder / ENTRY_JSON),
+                            json.dumps(doc, sort_keys=True, default=str, separators=(",", ":")).encode(), {})
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class MemberStore:
+    """The member entries of one partition task: found in the store or computed, then open for assembly.
+
+    Local stores are used in place. For object storage the task works in a local staging folder: entries
+    found are downloaded into it, entries computed are uploaded from it (members.bin first, entry.json last).
+    """
+
+    def __init__(self, job: Job):
+        self.url = storage.join(job.store, MEMBERS_DIR)
+        self.options = job.config.output.storage_options
+        self.local = storage.is_local(self.url)
+        self._staging = None if self.local else tempfile.TemporaryDirectory(prefix="mmdata-members-")
+        self.base = storage.local_path(self.url) if self.local else Path(self._staging.name)
+
+    def find(self, group: str, key: str) -> Entry | None:
+        name = entry_name(group, key)
+        if not self.local:
+            remote = storage.join(self.url, name)
+            if not storage.exists(storage.join(remote, ENTRY_JSON), self.options):
+                return None
+            fs, path = storage.filesystem(remote, self.options)
+            (self.base / name).mkdir(parents=True, exist_ok=True)
+            for file in (ENTRY_JSON, MEMBERS_BIN):
+                try:
+                    fs.get_file(f"{path}/{file}", str(self.base / name / file))
+                except FileNotFoundError:
+                    return None
+        return load_entry(self.base / name, group, key)
+
+    def writer(self, group: str, key: str, rows: int) -> EntryWriter:
+        return EntryWriter(self.base / entry_name(group, key), group, key, rows)
+
+    def publish(self, writer: EntryWriter) -> Entry:
+        """A finished writer's entry, uploaded first for object storage, opened for assembly."""
+        folder = self.base / entry_name(writer.group, writer.key)
+        if not self.local:
+            remote = storage.join(self.url, folder.name)
+            for file in (MEMBERS_BIN, ENTRY_JSON):
+                storage.upload(folder / file, storage.join(remote, file), self.options)
+        entry = load_entry(folder, writer.group, writer.key)
+        if entry is None:   # only a disk that lost what it just wrote gets here
+            raise OSError(f"member entry {folder} vanished or was cut short right after it was written")
+        entry.built = True
+        return entry
+
+    def close(self) -> None:
+        if self._staging is not None:
+            self._staging.cleanup()
+            self._staging = None
+
+
+def encode_groups(job: Job, records: list[Record], encoded: list[bool], keys: dict[str, str],
+                  store: MemberStore, tokenizer) -> dict[str, Entry]:
+    """Compute the entries ``keys`` names (those the store lacks), one pass per modality over the rows that
+    need it (``encoded``: the rows not rejected before encoding); returns them open for assembly. Each
+    group's outcome is kept on its own: the waveform of a clip whose mel fails still succeeds, as it would
+    when computed alone."""
+    from mmdata.prep.audio import decode_clip, mel_members, waveform_members
+    from mmdata.prep.image import encode_image
+    from mmdata.prep.text import encode_text
+    built: dict[str, Entry] = {}
+    for modality in ("text", "image", "audio"):
+        wanted = [g for g in keys if GROUP_MODALITY[g] == modality]
+        if not wanted:
+            continue
+        config = getattr(job.config, modality)
+        writers = {g: store.writer(g, keys[g], len(records)) for g in wanted}
+        try:
+            needed = [(i, r) for i, r in enumerate(records) if encoded[i] and getattr(r, modality) is not None]
+            for i, data in read_ahead(needed, modality, job):
+                try:
+                    if isinstance(data, SampleError):
+                        raise data
+                    if modality == "text":
+                        writers["text"].add(i, *encode_text(data, config, tokenizer))
+                    elif modality == "image":
+                        writers["image"].add(i, *encode_image(data, config))
+                    else:
+                        wave, info = decode_clip(data, config)
+                        if "waveform" in writers:
+                            writers["waveform"].add(i, waveform_members(wave, config), {})
+                        if "audio" in writers:
+                            try:
+                                writers["audio"].add(i, *mel_members(wave, info, config))
+                            except SampleError as e:
+                                writers["audio"].fail(i, e)
+                except SampleError as e:
+                    for writer in writers.values():
+                        writer.fail(i, e)
+            for group, writer in writers.items():
+                writer.finish(built_by(job))
+        except BaseException:   # an error, a full disk, Ctrl-C: leave no temp file behind
+            for writer in writers.values():
+                writer.abort()
+            raise
+        for group, writer in writers.items():
+            built[group] = store.publish(writer)
+    return built
+
+
+def built_by(job: Job) -> dict:
+    """What an entry records of the run that computed it: the dataset name and the config's fingerprint
+    (dataset.json's ``config_fingerprint``), so that later datasets can say where reused members came from."""
+    return {"name": job.config.output.name, "config_fingerprint": job.salt[:16]}
+
+
+def read_ahead(needed: list[tuple[int, Record]], modality: str, job: Job) -> Iterator[tuple[int, Any]]:
+    """(row index, its input for ``modality``: the text, a file's bytes, or the SampleError reading raised)
+    for each of the ``needed`` rows, in order. Files are read by ``input.read_threads`` threads a few rows
+    ahead of the one being encoded, so a URL's latency overlaps the encoding of the rows before it; at most
+    2 x read_threads files are held."""
+
+    def read(record: Record):
+        try:
+            return raw_input(modality, getattr(record, modality), job)
+        except SampleError as e:
+            return e
+
+    threads = job.config.input.read_threads
+    if modality == "text" or threads <= 1:
+        for i, record in needed:
+            yield i, read(record)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="mmdata-read") as pool:
+        ahead: deque = deque()
+        try:
+            for i, record in needed:
+                ahead.append((i, pool.submit(read, record)))
+                if len(ahead) >= 2 * threads:
+                    i, data = ahead.popleft()
+                    yield i, data.result()
+            while ahead:
+                i, data = ahead.popleft()
+                yield i, data.result()
+        finally:   # an error or an interrupt: reads not started are not wanted
+            for _, data in ahead:
+                data.cancel()
+
+
+def raw_input(modality: str, raw, job: Job):
+    """What the encoder gets: the text as given; the bytes of an image or audio file, read here with the
+    modality's byte cap (inline bytes from input tars, which the tar reader caps at 1 GiB, meet it here)."""
+    if modality == "text":
+        return raw
+    cap = getattr(job.config, modality).max_bytes
+    if raw == "":
+        raise SampleError("missing_file", f"the {modality} path is an empty string; use null, or leave the key "
+                                          f"out, for a sample without {modality}")
+    if isinstance(raw, bytes):
+        if len(raw) > cap:
+            raise too_large(f"the {modality} member", f"{len(raw)} bytes", cap)
+        return raw
+    return read_input(raw, cap, read_settings(job.config))
+
+
+def read_settings(config: PreprocessConfig) -> ReadSettings:
+    i = config.input
+    return ReadSettings(i.storage_options, i.timeout_s, i.retries)
