@@ -2,7 +2,10 @@
 
 Every header field that could vary between runs (mtime, uid/gid, names,
 mode) is fixed, members are written in schema order, and the tar is written
-under a temporary name and renamed when complete. While writing we know
+under a temporary name and renamed when complete. The headers are made here
+(:func:`ustar_header`), not by ``tarfile``: the same bytes on every Python
+(tarfile's device fields changed in a 3.11 patch release), and ~20x faster,
+which matters when a shard is assembled from cached members at disk speed. While writing we know
 each member's byte offset, so the Parquet index that lets readers seek to
 any sample costs nothing extra; each member's CRC-32 (for ``mmdata verify``) is
 one pass over bytes already in memory.
@@ -44,7 +47,12 @@ INDEX_SCHEMA = pa.schema([
 ])
 
 
+BLOCK = 512
+RECORD = 20 * BLOCK   # tar files end padded to a whole record, as tar and tarfile write them
+
+
 def tar_info(name: str, size: int) -> tarfile.TarInfo:
+    """The header :func:`ustar_header` writes, as a TarInfo (tests compare the two)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o444
     info.uid = info.gid = 0
@@ -52,8 +60,33 @@ def tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def member_order(ext: str) -> int:
-    return MEMBER_ORDER.index(ext) if ext in MEMBER_ORDER else len(MEMBER_ORDER)
+# a USTAR header after the checksum field: type "0" (regular file), no link name, "ustar\0" "00", empty
+# user and group names, empty device numbers (regular files have none), no prefix, padding to 512 bytes
+_HEADER_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)
+_MODE_IDS = b"0000444\x000000000\x000000000\x00"   # mode 0444, uid 0, gid 0
+_MTIME = b"00000000000\0"
+# the checksum is the sum of the header's bytes, its own field counted as 8 spaces
+_FIXED_SUM = sum(_HEADER_TAIL) + sum(_MODE_IDS) + sum(_MTIME) + 8 * ord(" ")
+_NULS = bytes(BLOCK)
+MAX_MEMBER_BYTES = 8**11 - 1                     # what USTAR's 11 octal digits of size hold (8 GiB)
+
+
+def ustar_header(name: str | bytes, size: int) -> bytes:
+    """The 512-byte USTAR header of a member ``name`` of ``size`` bytes: mode 0444, uid/gid 0, mtime 0.
+    Names are keys + extensions, ASCII and at most 75 bytes (schema.make_key), inside the 100-byte field."""
+    raw = name.encode("utf-8") if isinstance(name, str) else name
+    if len(raw) > 100 or not 0 <= size <= MAX_MEMBER_BYTES:
+        raise ValueError(f"tar member {name!r} of {size} bytes does not fit a USTAR header")
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_FIXED_SUM + sum(raw) + sum(size_field))
+    return b"".join((raw, _NULS[len(raw):100], _MODE_IDS, size_field, _MTIME, checksum, _HEADER_TAIL))
+
+
+_ORDER = {ext: i for i, ext in enumerate(MEMBER_ORDER)}
+
+
+def _member_sort_key(ext: str) -> tuple[int, str]:
+    return _ORDER.get(ext, len(MEMBER_ORDER)), ext
 
 
 @dataclass
@@ -66,51 +99,62 @@ class ShardWriter:
     partition: int
     max_bytes: int = 0
     shards: list[dict] = field(default_factory=list)   # {"name", "samples", "bytes"} per finished shard
-    _tar: tarfile.TarFile | None = None
     _file: io.BufferedWriter | None = None
+    _offset: int = 0
     _rows: list[dict] = field(default_factory=list)
 
-    def write(self, key: str, members: dict[str, bytes], index: dict) -> None:
-        """Add one sample. ``index`` holds the per-sample columns other than shard/key/offsets."""
-        size = sum(512 + -(-len(v) // 512) * 512 for v in members.values())
-        if self._tar is not None and self.max_bytes and self._rows and self._tar.offset + size > self.max_bytes:
-            self._finish()
-        if self._tar is None:
-            self._open()
-        start, placed = self._tar.offset, []
-        for ext in sorted(members, key=lambda e: (member_order(e), e)):
+    def write(self, key: str, members: dict[str, bytes | tuple[bytes | memoryview, int]], index: dict) -> None:
+        """Add one sample: ``members`` by extension, each its bytes or (its bytes, their crc32) when known.
+        ``index`` holds the per-sample columns other than shard/key/offsets."""
+        pieces, placed, size, prefix = [], [], 0, key.encode("utf-8") + b"."
+        for ext in sorted(members, key=_member_sort_key):
             data = members[ext]
-            header = self._tar.offset
-            self._tar.addfile(tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
-            placed.append({"ext": ext, "offset": header + 512, "size": len(data), "crc32": zlib.crc32(data)})
+            data, crc = data if isinstance(data, tuple) else (data, zlib.crc32(data))
+            padding = -len(data) % BLOCK
+            pieces += (ustar_header(prefix + ext.encode(), len(data)), data, _NULS[:padding])
+            placed.append({"ext": ext, "offset": size + BLOCK, "size": len(data), "crc32": crc})
+            size += BLOCK + len(data) + padding
+        if self._file is not None and self.max_bytes and self._rows and self._offset + size > self.max_bytes:
+            self._finish()
+        if self._file is None:
+            self._open()
+        start = self._offset
+        for member in placed:
+            member["offset"] += start
+        self._file.writelines(pieces)
+        self._offset += size
         end = placed[-1]["offset"] + placed[-1]["size"]
         self._rows.append({"shard": self._name, "key": key, "offset": start, "size": end - start,
                            "members": placed, **index})
 
     def close(self) -> list[dict]:
         """Finish the open shard (an empty partition still gets one empty shard); returns shard list."""
-        if self._tar is None and not self.shards:
+        if self._file is None and not self.shards:
             self._open()
-        if self._tar is not None:
+        if self._file is not None:
             self._finish()
         return self.shards
 
     def abort(self) -> None:
         """Drop the shard being written (an error or a signal stopped the partition): no temp file stays."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:   # flushing what was buffered fails again on a full disk: nothing to keep
+                pass
             self._tmp.unlink(missing_ok=True)
-        self._tar, self._file, self._rows = None, None, []
+        self._file, self._rows = None, []
 
     def _open(self) -> None:
         self._name = shard_name(self.partition, len(self.shards))
         self._tmp = temp_path(self.out_dir / self._name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._file = open(self._tmp, "wb", buffering=1 << 20)
+        self._offset = 0
 
     def _finish(self) -> None:
-        self._tar.close()
+        end = self._offset + 2 * BLOCK   # the end-of-archive marker: two zero blocks, then a whole record
+        self._file.write(bytes(2 * BLOCK + -end % RECORD))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -118,7 +162,7 @@ class ShardWriter:
         write_index(self.out_dir / index_name(self._name), self._rows)
         os.replace(self._tmp, self.out_dir / self._name)
         self.shards.append({"name": self._name, "samples": len(self._rows), "bytes": size})
-        self._tar, self._file, self._rows = None, None, []
+        self._file, self._rows = None, []
 
 
 def write_index(path: Path, rows: list[dict]) -> None:

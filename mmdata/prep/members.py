@@ -4,9 +4,10 @@ which changes one modality's settings computes that modality alone and assembles
     <root>/.store/members/<group>-<key>/
         members.bin   every member's bytes, back to back, in row order
         entry.json    per row of the partition: null (no input for this group, or the row is rejected before
-                      anything is encoded), {"members": [[ext, offset, size], ...], "info": {...}} or
-                      {"error": [reason, message]}; and which run built it. Written last: an entry is complete
-                      when entry.json exists and members.bin has the size it records.
+                      anything is encoded), {"members": [[ext, offset, size, crc32], ...], "info": {...},
+                      "info_json": "..."} or {"error": [reason, message]}; and which run built it. Written
+                      last: an entry is complete when entry.json exists and members.bin has the size it
+                      records.
 
 A group is what one entry holds, and its key is everything those bytes depend on:
 
@@ -30,9 +31,10 @@ import json
 import mmap
 import os
 import tempfile
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 MEMBERS_DIR = "members"          # under the store
 MEMBERS_BIN = "members.bin"
 ENTRY_JSON = "entry.json"
+ENTRY_VERSION = 1                # entry.json's layout; an entry of another layout is computed again
 
 GROUPS = ("text", "image", "audio", "waveform")
 GROUP_MODALITY = {"text": "text", "image": "image", "audio": "audio", "waveform": "audio"}
@@ -104,41 +107,64 @@ class Entry:
     key: str
     outcomes: list
     built_by: dict
-    data: Any = b""             # mmap or bytes
+    data: Any = b""             # mmap of members.bin, or b"" for an entry without members
     built: bool = False         # computed by this run (else found in the store)
-    _keep: list = field(default_factory=list)   # the open file behind ``data``
+    file: Any = None            # the open members.bin behind ``data``
 
-    def outcome(self, i: int) -> tuple[dict[str, bytes], dict] | SampleError | None:
-        """Row ``i``: (members, info), the SampleError it failed with, or None (no input). The members are
-        copied out of the map (no view outlives the entry)."""
+    def __post_init__(self):
+        self.view = memoryview(self.data)
+
+    def outcome(self, i: int) -> Outcome | SampleError | None:
+        """Row ``i``'s members and info, the SampleError it failed with, or None (no input). The members are
+        views into the map, valid until :meth:`close`."""
         found = self.outcomes[i]
         if found is None:
             return None
         if "error" in found:
             return SampleError(*found["error"])
-        return {ext: self.data[offset:offset + size] for ext, offset, size in found["members"]}, found["info"]
+        view = self.view
+        return Outcome({ext: (view[offset:offset + size], crc) for ext, offset, size, crc in found["members"]},
+                       found["info"], found["info_json"])
 
     def close(self) -> None:
+        self.view.release()
         if isinstance(self.data, mmap.mmap):
-            self.data.close()
-        for f in self._keep:
-            f.close()
-        self.data, self._keep = b"", []
+            try:
+                self.data.close()
+            except BufferError:   # a slice is still referenced (an exception's traceback): it closes with it
+                pass
+        if self.file is not None:
+            self.file.close()
+        self.data, self.file = b"", None
+        self.view = memoryview(self.data)
 
 
-def load_entry(folder: Path, group: str, key: str) -> Entry | None:
-    """The complete entry in ``folder``, or None (missing, unfinished, or members.bin cut short: build it)."""
+@dataclass(frozen=True)
+class Outcome:
+    """One row's cached result for one group: its members (ext -> (bytes, crc32)), its info for the sample's
+    json, and that info already serialised as the json writes it."""
+    members: dict[str, tuple[memoryview | bytes, int]]
+    info: dict
+    info_json: str
+
+
+def load_entry(folder: Path, group: str, key: str, rows: int) -> Entry | None:
+    """The complete entry in ``folder`` for a partition of ``rows`` rows, or None (missing, unfinished, of
+    another layout, or members.bin cut short: compute it again)."""
+    if not ((folder / ENTRY_JSON).is_file() and (folder / MEMBERS_BIN).is_file()):   # no FIFO is opened
+        return None
     try:
         doc = json.loads((folder / ENTRY_JSON).read_bytes())
         f = open(folder / MEMBERS_BIN, "rb")
     except (OSError, ValueError):
         return None
     size = os.fstat(f.fileno()).st_size
-    if doc.get("bytes") != size or len(doc.get("outcomes", ())) == 0:
+    if not isinstance(doc, dict) or doc.get("version") != ENTRY_VERSION or doc.get("bytes") != size \
+            or not isinstance(doc.get("outcomes"), list) or len(doc["outcomes"]) != rows:
         f.close()
         return None
     data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    return Entry(group, key, doc["outcomes"], doc.get("built_by", {}), data, _keep=[f])
+    return Entry(group, key, doc["outcomes"], doc.get("built_by", {}), data, file=f)
 
 
 class EntryWriter:
@@ -157,9 +183,9 @@ class EntryWriter:
         placed = []
         for ext, data in members.items():
             self.file.write(data)
-            placed.append([ext, self.offset, len(data)])
+            placed.append([ext, self.offset, len(data), zlib.crc32(data)])
             self.offset += len(data)
-        self.outcomes[i] = {"members": placed, "info": info}
+        self.outcomes[i] = {"members": placed, "info": info, "info_json": info_json(info)}
 
     def fail(self, i: int, error: SampleError) -> None:
         self.outcomes[i] = {"error": [error.reason, str(error)]}
@@ -169,8 +195,8 @@ class EntryWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.folder / MEMBERS_BIN)
-        doc = {"group": self.group, "key": self.key, "bytes": self.offset, "built_by": built_by,
-               "outcomes": self.outcomes}
+        doc = {"version": ENTRY_VERSION, "group": self.group, "key": self.key, "bytes": self.offset,
+               "built_by": built_by, "outcomes": self.outcomes}
         storage.write_bytes(str(self.folder / ENTRY_JSON),
                             json.dumps(doc, sort_keys=True, default=str, separators=(",", ":")).encode(), {})
 
@@ -193,7 +219,7 @@ class MemberStore:
         self._staging = None if self.local else tempfile.TemporaryDirectory(prefix="mmdata-members-")
         self.base = storage.local_path(self.url) if self.local else Path(self._staging.name)
 
-    def find(self, group: str, key: str) -> Entry | None:
+    def find(self, group: str, key: str, rows: int) -> Entry | None:
         name = entry_name(group, key)
         if not self.local:
             remote = storage.join(self.url, name)
@@ -206,7 +232,7 @@ class MemberStore:
                     fs.get_file(f"{path}/{file}", str(self.base / name / file))
                 except FileNotFoundError:
                     return None
-        return load_entry(self.base / name, group, key)
+        return load_entry(self.base / name, group, key, rows)
 
     def writer(self, group: str, key: str, rows: int) -> EntryWriter:
         return EntryWriter(self.base / entry_name(group, key), group, key, rows)
@@ -218,7 +244,7 @@ class MemberStore:
             remote = storage.join(self.url, folder.name)
             for file in (MEMBERS_BIN, ENTRY_JSON):
                 storage.upload(folder / file, storage.join(remote, file), self.options)
-        entry = load_entry(folder, writer.group, writer.key)
+        entry = load_entry(folder, writer.group, writer.key, len(writer.outcomes))
         if entry is None:   # only a disk that lost what it just wrote gets here
             raise OSError(f"member entry {folder} vanished or was cut short right after it was written")
         entry.built = True
@@ -277,6 +303,11 @@ def encode_groups(job: Job, records: list[Record], encoded: list[bool], keys: di
         for group, writer in writers.items():
             built[group] = store.publish(writer)
     return built
+
+
+def info_json(info: dict) -> str:
+    """A modality's info as the sample's json holds it (partition.sample_json builds the json from these)."""
+    return json.dumps(info, ensure_ascii=False, sort_keys=True, default=str)
 
 
 def built_by(job: Job) -> dict:

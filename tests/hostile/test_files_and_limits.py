@@ -298,17 +298,20 @@ def test_an_output_root_under_a_regular_file_is_one_line_and_exit_3(demo_dir, tm
     assert "not a folder" in err and str(tmp_path / "file") in err and err.count("\n") == 1
 
 
-def test_a_full_disk_is_one_line_exit_3_and_leaves_no_temp_file(demo_dir, tmp_path, capsys, monkeypatch):
-    import tarfile
-    real, calls = tarfile.TarFile.addfile, []
+@pytest.mark.parametrize("writing", ["shard", "member cache"])
+def test_a_full_disk_is_one_line_exit_3_and_leaves_no_temp_file(demo_dir, tmp_path, capsys, monkeypatch, writing):
+    from mmdata.prep.members import EntryWriter
+    from mmdata.shards import ShardWriter
+    owner, method = (ShardWriter, "write") if writing == "shard" else (EntryWriter, "add")
+    real, calls = getattr(owner, method), []
 
     def fill_up(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) > 20:    # part of the first shard is written, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device", "shard")
+        if len(calls) > 5:    # part of the first file is written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", writing)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(tarfile.TarFile, "addfile", fill_up)
+    monkeypatch.setattr(owner, method, fill_up)
     config = tmp_path / "c.yaml"
     config.write_text(f"input: {{manifest: {write_manifest(tmp_path / 'm.jsonl', demo_rows(demo_dir))}}}\n"
                       f"output: {{root: {tmp_path / 'out'}}}\nray: {{executor: serial}}\nprogress: false\n"
