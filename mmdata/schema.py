@@ -15,7 +15,7 @@ FORMAT_VERSION = 2
 # Bumped whenever the bytes produced for the same input and config change (a new resampler,
 # encoder settings...). It is part of every fingerprint, so upgraded code never reuses shards
 # that older code wrote differently. FORMAT_VERSION is the reader-facing contract.
-PROCESSING_VERSION = 6  # 6: mel power as re²+im² (a float16 ulp apart from |X|²); 5: image.fast_downscale; 4: safe ids that look like hashed keys are hashed too; 3: mel.npy in C order
+PROCESSING_VERSION = 7  # 7: mel made from the 16-bit waveform (the member cache keeps it); 6: mel power as re²+im² (a float16 ulp apart from |X|²); 5: image.fast_downscale; 4: safe ids that look like hashed keys are hashed too; 3: mel.npy in C order
 
 # Member extensions. Order here is the order members are written in a sample.
 JSON = "json"

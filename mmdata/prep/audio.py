@@ -6,8 +6,16 @@ Data flow of :func:`encode_audio`::
           -> mean over channels (read in blocks, only as far as max_seconds needs)
           -> torchaudio resample to config.sample_rate -> trim to max_seconds
           -> zero-pad to max_seconds (config.pad)
+          -> 16-bit PCM (clipped to [-1, 1]): the waveform     (decode_clip)
           -> MelSpectrogram (power 2, centred frames) -> log(mel + log_offset)
-          -> float16 [n_mels, frames] as ``mel.npy`` (+ 16-bit ``flac``)
+          -> float16 [n_mels, frames] as ``mel.npy``           (mel_members)
+          (+ the 16-bit waveform as ``flac``                   (waveform_members))
+
+The features are made from the 16-bit waveform, not from the float one before it: so the member cache
+can keep the waveform (half the bytes of float32) and make new features from it, identical to a fresh
+build, without decoding and resampling again (the larger part of the work), and the mel in a shard is
+exactly the mel of the ``flac`` beside it. 16-bit quantisation noise (-101 dBFS) lies under the log
+offset's floor.
 
 torchaudio >= 2.9 cannot decode files itself (it needs torchcodec and
 FFmpeg), so decoding is soundfile's (libsndfile) alone; torchaudio only
@@ -104,37 +112,49 @@ def encode_audio(data: bytes, config: AudioConfig) -> tuple[dict[str, bytes], di
     """Decode one clip into ``{"mel.npy": ..., "flac": ... (keep_waveform)}`` and its info.
 
     ``info`` describes the input (duration, sample_rate, channels as found)
-    and the output (``samples`` fed to the mel transform, mel ``frames``).
+    and the output (``samples`` fed to the mel transform, mel ``frames``; ``clipped``: samples beyond
+    [-1, 1] after resampling, when there are any).
     """
-    wave, info = decode_clip(data, config)
-    members, info = mel_members(wave, info, config)
+    pcm, info = decode_clip(data, config)
+    members, info = mel_members(pcm, info, config)
     if config.keep_waveform:
-        members.update(waveform_members(wave, config))
+        members.update(waveform_members(pcm, config))
     return members, info
 
 
-def decode_clip(data: bytes, config: AudioConfig) -> tuple[torch.Tensor, dict]:
-    """The clip as the mono waveform the features are made from (resampled, trimmed or padded), and the info
-    on the input: what the mel and the FLAC members share (the member cache keeps them apart)."""
+PCM_SCALE = 32767   # 16-bit full scale, as libsndfile writes PCM_16
+
+
+def decode_clip(data: bytes, config: AudioConfig) -> tuple[np.ndarray, dict]:
+    """The clip as the 16-bit mono waveform its features are made from (resampled, trimmed or padded), and
+    the info on the input."""
     if not data:
         raise SampleError("empty_audio", "audio file is 0 bytes")
     mono, rate, channels, duration = _decode(data, config)
     if duration < config.min_seconds:
         raise SampleError("audio_too_short",
                           f"audio is {duration:.2f} s, under audio.min_seconds={config.min_seconds}")
-    wave = _fit_length(_resample(mono, rate, config.sample_rate), config)
-    return wave, {"duration": duration, "sample_rate": rate, "channels": channels, "samples": int(wave.numel())}
+    wave = _fit_length(_resample(mono, rate, config.sample_rate), config).numpy()
+    clipped = int(np.count_nonzero(np.abs(wave) > 1.0))   # resampling overshoots a little; hot float files more
+    pcm = np.rint(np.clip(wave, -1.0, 1.0) * np.float32(PCM_SCALE)).astype("<i2")
+    info = {"duration": duration, "sample_rate": rate, "channels": channels, "samples": int(pcm.size)}
+    if clipped:
+        info["clipped"] = clipped
+    return pcm, info
 
 
-def mel_members(wave: torch.Tensor, info: dict, config: AudioConfig) -> tuple[dict[str, bytes], dict]:
-    """``{"mel.npy"}`` and the info with the mel's ``frames``."""
-    mel = _log_mel(wave, config)
+def mel_members(pcm: np.ndarray, info: dict, config: AudioConfig) -> tuple[dict[str, bytes], dict]:
+    """``{"mel.npy"}`` of a 16-bit waveform, and the info with the mel's ``frames``."""
+    import torch
+    mel = _log_mel(torch.from_numpy(pcm.astype(np.float32) / np.float32(PCM_SCALE)), config)
     return {MEL: _npy_bytes(mel)}, {**info, "frames": int(mel.shape[1])}
 
 
-def waveform_members(wave: torch.Tensor, config: AudioConfig) -> dict[str, bytes]:
-    """``{"flac"}``: the waveform as 16-bit FLAC (audio.keep_waveform)."""
-    return {FLAC: _flac_bytes(wave.numpy(), config.sample_rate)}
+def waveform_members(pcm: np.ndarray, config: AudioConfig) -> dict[str, bytes]:
+    """``{"flac"}``: the 16-bit waveform as FLAC (audio.keep_waveform), the samples the mel was made from."""
+    buf = io.BytesIO()
+    sf.write(buf, pcm, config.sample_rate, format="FLAC", subtype="PCM_16")
+    return {FLAC: buf.getvalue()}
 
 
 def _decode(data: bytes, config: AudioConfig) -> tuple[np.ndarray, int, int, float]:
@@ -288,11 +308,4 @@ def _mel_transform(sample_rate: int, n_fft: int, win_length: int | None, hop_len
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _flac_bytes(wave: np.ndarray, rate: int) -> bytes:
-    """16-bit FLAC; clipped first, since resampling can overshoot [-1, 1] slightly."""
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(wave, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
     return buf.getvalue()

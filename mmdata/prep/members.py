@@ -15,8 +15,12 @@ A group is what one entry holds, and its key is everything those bytes depend on
     text      txt, tokens.npy          row's input for it (the text; the file's identity for image and audio)
     image     jpg | webp | png    settings: text -> the tokenizer's bytes and the text.* keys that shape
     audio     mel.npy                 tokens; image -> image.*; audio -> audio.* but keep_waveform;
-    waveform  flac                    waveform -> the audio.* keys the waveform depends on
-                                      (kept only with audio.keep_waveform: true)
+    waveform  pcm (cache only)        waveform, flac -> the audio.* keys the waveform depends on
+    flac      flac (audio.keep_waveform: true only)
+
+The waveform is the clip decoded, resampled and fitted, as 16-bit PCM: what the mel and the FLAC are made
+from (audio.py). It is cached, never written to a shard, so that a change of mel settings (n_mels, n_fft,
+hop_length...) makes new features without decoding and resampling again.
 
 ``on_error`` is in no key: it decides at assembly what a failure does to its sample, not what the members
 are. Keys leave settings out by naming the ones that cannot matter, so a key that forgot a new setting
@@ -53,21 +57,23 @@ MEMBERS_BIN = "members.bin"
 ENTRY_JSON = "entry.json"
 ENTRY_VERSION = 1                # entry.json's layout; an entry of another layout is computed again
 
-GROUPS = ("text", "image", "audio", "waveform")
-GROUP_MODALITY = {"text": "text", "image": "image", "audio": "audio", "waveform": "audio"}
+GROUPS = ("text", "image", "audio", "waveform", "flac")
+GROUP_MODALITY = {"text": "text", "image": "image", "audio": "audio", "waveform": "audio", "flac": "audio"}
+PCM = "pcm"   # the waveform entry's member: little-endian int16 samples
+_MEL_ONLY = ("n_mels", "n_fft", "hop_length", "win_length", "f_min", "f_max", "log_offset")
 # settings that decide nothing in a group's bytes (text: what trains the tokenizer, whose bytes are in the key)
 _NOT_IN_KEY = {
     "text": ("tokenizer", "vocab_size", "model_type", "character_coverage", "train_samples", "on_error"),
     "image": ("on_error",),
     "audio": ("keep_waveform", "on_error"),
-    "waveform": ("n_mels", "n_fft", "hop_length", "win_length", "f_min", "f_max", "log_offset", "keep_waveform",
-                 "on_error"),
+    "waveform": (*_MEL_ONLY, "keep_waveform", "on_error"),
+    "flac": (*_MEL_ONLY, "keep_waveform", "on_error"),
 }
 
 
 def job_groups(config: PreprocessConfig) -> tuple[str, ...]:
-    """The groups a job's samples are made of."""
-    return GROUPS if config.audio.keep_waveform else GROUPS[:3]
+    """The groups a job's samples are made of (and the waveform their audio is made from)."""
+    return GROUPS if config.audio.keep_waveform else GROUPS[:4]
 
 
 def group_settings(group: str, config: PreprocessConfig, tokenizer: bytes) -> dict:
@@ -257,11 +263,11 @@ class MemberStore:
 
 
 def encode_groups(job: Job, records: list[Record], encoded: list[bool], keys: dict[str, str],
-                  store: MemberStore, tokenizer) -> dict[str, Entry]:
+                  store: MemberStore, tokenizer, found: dict[str, Entry]) -> dict[str, Entry]:
     """Compute the entries ``keys`` names (those the store lacks), one pass per modality over the rows that
-    need it (``encoded``: the rows not rejected before encoding); returns them open for assembly. Each
-    group's outcome is kept on its own: the waveform of a clip whose mel fails still succeeds, as it would
-    when computed alone."""
+    need it (``encoded``: the rows not rejected before encoding); returns them open for assembly. Audio
+    starts from the cached waveform when ``found`` has it, without reading or decoding a file. Each group's
+    outcome is kept on its own: a clip too short for one n_fft still has its waveform."""
     from mmdata.prep.audio import decode_clip, mel_members, waveform_members
     from mmdata.prep.image import encode_image
     from mmdata.prep.text import encode_text
@@ -271,10 +277,12 @@ def encode_groups(job: Job, records: list[Record], encoded: list[bool], keys: di
         if not wanted:
             continue
         config = getattr(job.config, modality)
+        cached_wave = found.get("waveform") if modality == "audio" else None
         writers = {g: store.writer(g, keys[g], len(records)) for g in wanted}
         try:
             needed = [(i, r) for i, r in enumerate(records) if encoded[i] and getattr(r, modality) is not None]
-            for i, data in read_ahead(needed, modality, job):
+            rows = ((i, None) for i, _ in needed) if cached_wave else read_ahead(needed, modality, job)
+            for i, data in rows:
                 try:
                     if isinstance(data, SampleError):
                         raise data
@@ -283,12 +291,14 @@ def encode_groups(job: Job, records: list[Record], encoded: list[bool], keys: di
                     elif modality == "image":
                         writers["image"].add(i, *encode_image(data, config))
                     else:
-                        wave, info = decode_clip(data, config)
+                        pcm, info = cached_waveform(cached_wave, i) if cached_wave else decode_clip(data, config)
                         if "waveform" in writers:
-                            writers["waveform"].add(i, waveform_members(wave, config), {})
+                            writers["waveform"].add(i, {PCM: pcm.tobytes()}, info)
+                        if "flac" in writers:
+                            writers["flac"].add(i, waveform_members(pcm, config), {})
                         if "audio" in writers:
                             try:
-                                writers["audio"].add(i, *mel_members(wave, info, config))
+                                writers["audio"].add(i, *mel_members(pcm, info, config))
                             except SampleError as e:
                                 writers["audio"].fail(i, e)
                 except SampleError as e:
@@ -303,6 +313,18 @@ def encode_groups(job: Job, records: list[Record], encoded: list[bool], keys: di
         for group, writer in writers.items():
             built[group] = store.publish(writer)
     return built
+
+
+def cached_waveform(entry: Entry, i: int):
+    """Row ``i``'s 16-bit waveform and its info from a waveform entry, or the SampleError decoding it gave."""
+    import numpy as np
+    outcome = entry.outcome(i)
+    if outcome is None:
+        raise RuntimeError(f"the waveform entry {entry.key} has no outcome for row {i}; remove it from the "
+                           "store's members/ folder and run again")
+    if isinstance(outcome, SampleError):
+        raise outcome
+    return np.frombuffer(outcome.members[PCM][0], dtype="<i2"), outcome.info
 
 
 def info_json(info: dict) -> str:

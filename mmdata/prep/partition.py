@@ -240,11 +240,15 @@ def build_partition(job: Job, k: int, keys: PartitionKeys, records: list[Record]
             if found is not None:
                 entries[group] = found
         missing = {g: key for g, key in keys.members.items() if g not in entries}
+        if set(missing) == {"waveform"}:   # the features it is for are cached: nothing needs it now
+            missing = {}
         if missing:
             encoded = [not rejected_before_encoding(r, job, duplicates) for r in records]
             tokenizer = load_tokenizer(job.tokenizer) if "text" in missing else None
-            with one_torch_thread(any(GROUP_MODALITY[g] == "audio" for g in missing)):
-                entries.update(encode_groups(job, records, encoded, missing, store, tokenizer))
+            torch = "audio" in missing or ("waveform" not in entries and any(GROUP_MODALITY[g] == "audio"
+                                                                              for g in missing))
+            with one_torch_thread(torch):   # a FLAC from a cached waveform needs none
+                entries.update(encode_groups(job, records, encoded, missing, store, tokenizer, entries))
         writer = ShardWriter(out, k, config.output.max_shard_bytes)
         try:
             shards, errors, present, rejected = write_samples(job, writer, entries, records, duplicates)
@@ -342,10 +346,10 @@ def modality_outcome(modality: str, i: int, entries: dict[str, Entry], config) -
                            "remove that entry from the store's members/ folder and run again")
     if modality != "audio" or not config.keep_waveform or isinstance(outcome, SampleError):
         return outcome
-    waveform = entries["waveform"].outcome(i)
-    if isinstance(waveform, SampleError) or waveform is None:   # cannot fail where the mel succeeded
-        return waveform or SampleError("corrupt_audio", "no waveform was kept for this clip")
-    return replace(outcome, members={**outcome.members, **waveform.members})
+    flac = entries["flac"].outcome(i)
+    if isinstance(flac, SampleError) or flac is None:   # cannot fail where the mel succeeded
+        return flac or SampleError("corrupt_audio", "no waveform was kept for this clip")
+    return replace(outcome, members={**outcome.members, **flac.members})
 
 
 # Labels are class ids 0..MAX_LABEL (any integer-valued number or numeric string: 1, 1.0 and "1" are one

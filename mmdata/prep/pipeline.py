@@ -34,13 +34,13 @@ from mmdata.dataset import TokenizerInfo, Totals, dataset_dir, description_json
 from mmdata.prep.config import OutputConfig, PreprocessConfig
 from mmdata.prep.duplicates import DuplicateFinder, duplicates_between
 from mmdata.prep.executor import executor_settled, make_executor, run_with_progress
-from mmdata.prep.members import GROUP_MODALITY, MEMBERS_DIR
+from mmdata.prep.members import ENTRY_JSON, GROUP_MODALITY, MEMBERS_DIR, entry_name
 from mmdata.prep.store import STORE, preprocess_lease
 from mmdata.prep.inputs import ReadSettings, read_input
 from mmdata.prep.partition import Job, PartitionKeys, PartitionSummary, files_intact, label_key, partition_keys, stored_summary
 from mmdata.prep.sources import Record, check_readable, iter_records
 from mmdata.prep.text import check_text, load_tokenizer, train_tokenizer
-from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, MODALITIES, PROCESSING_VERSION,
+from mmdata.schema import (DATASET_JSON, ERRORS_JSONL, FORMAT_VERSION, PROCESSING_VERSION,
                            TOKENIZER_FILE, SampleError, id_hash, index_name, without_addresses)
 
 MAX_TOKENIZER_BYTES = 256 << 20   # SentencePiece models are a few MB; anything this big is not one
@@ -54,7 +54,6 @@ class Scan:
     labels: set[str] = field(default_factory=set)       # distinct labels, as text
     named_labels: bool = False                           # some label is not an integer
     texts: list[str] = field(default_factory=list)       # tokenizer training texts
-    modalities: set[str] = field(default_factory=set)    # the modalities some row has (what workers import)
 
 
 @dataclass
@@ -77,7 +76,6 @@ class Result:
         return self.totals.error_rate
 
 
-MODALITY_BITS = tuple((m, 1 << i) for i, m in enumerate(MODALITIES))   # a row's modalities as bits of its tag
 
 # texts sampled beyond text.train_samples, so that the sample is usually still full once duplicate rows' texts are
 # dropped (when not, the input is read again up to the texts missing)
@@ -90,7 +88,7 @@ def scan_input(config: PreprocessConfig) -> Scan:
     sorting), 8 bytes per duplicate row, the distinct labels and the tokenizer sample.
 
     Which rows repeat an earlier id is known only at the end, yet what the scan collects comes from the rows
-    kept only, exactly as if duplicates were skipped: each row's label and modalities travel with its id as a
+    kept only, exactly as if duplicates were skipped: each row's label travels with its id as a
     tag (only the kept rows' tags come back), and tokenizer texts are sampled from every row with a reserve
     of TEXT_SAMPLE_RESERVE beyond text.train_samples, duplicate rows' texts dropped at the end (and, when
     more than the reserve of them repeat an id, the rest read again: tokenizer_sample).
@@ -104,7 +102,7 @@ def scan_input(config: PreprocessConfig) -> Scan:
             scan.rows += 1
             key = scan_label(record.label)
             label = 0 if key is None else label_numbers.setdefault(key, len(label_numbers) + 1)
-            finder.add(id_hash(record.id), record.row, row_tag(label, record))
+            finder.add(id_hash(record.id), record.row, label)   # the tag: the label's number (a uint32)
             if want_texts and record.text is not None and len(sample_texts) < sample_size:
                 try:
                     sample_texts.append(check_text(record.text))
@@ -113,25 +111,14 @@ def scan_input(config: PreprocessConfig) -> Scan:
                     pass
         repeats = finder.finish()
     scan.duplicates = repeats.rows
-    kept_labels = {tag >> len(MODALITIES) for tag in repeats.kept_tags}
+    kept_labels = repeats.kept_tags
     keys = [key for key, number in label_numbers.items() if number in kept_labels]
     scan.labels = {str(key) for key in keys}
     scan.named_labels = any(isinstance(key, str) for key in keys)
-    scan.modalities = {m for m, bit in MODALITY_BITS if any(tag & bit for tag in repeats.kept_tags)}
     if want_texts:
         scan.texts = tokenizer_sample(config, sample_rows, sample_texts, len(sample_texts) == sample_size,
                                       scan.duplicates)
     return scan
-
-
-def row_tag(label: int, record: Record) -> int:
-    """What the scan needs of a row until it knows whether the row is kept: its label's number and one bit per
-    modality it has (a uint32: room for 2**29 distinct labels, far more than a driver could hold)."""
-    tag = label << len(MODALITIES)
-    for modality, bit in MODALITY_BITS:
-        if getattr(record, modality) is not None:
-            tag |= bit
-    return tag
 
 
 def tokenizer_sample(config: PreprocessConfig, rows: array, texts: list[str], full: bool,
@@ -220,6 +207,7 @@ class ReuseCheck:
     def __init__(self, job: Job, partitions: Iterator[tuple[int, list[Record], set[int]]]):
         self.job, self.partitions = job, partitions
         self.reused: list[PartitionSummary] = []   # found finished in the store
+        self.computing: set[str] = set()           # the modalities whose members the missing partitions lack
         self.count = self.samples = self.largest = 0   # partitions found missing so far, their samples, the most in one
         self.missing: deque = deque()              # checked, missing, not yet handed out
         self.ahead: deque = deque()                # (partition, future of its check), in input order
@@ -250,11 +238,12 @@ class ReuseCheck:
             self.done = self.done or self.checking
             return
         partition, future = self.ahead.popleft()
-        keys, stored = future.result()
+        keys, stored, lacking = future.result()
         if stored is not None:
             self.reused.append(replace(stored, reused=True))
         else:
             self.missing.append((*partition, keys))
+            self.computing |= computed_modalities(lacking)
             self.count, self.samples = self.count + 1, self.samples + len(partition[1])
             self.largest = max(self.largest, len(partition[1]))
 
@@ -273,10 +262,23 @@ class ReuseCheck:
 
 
 def check_partition(job: Job, k: int, records: list[Record], duplicates: set[int]
-                    ) -> tuple[PartitionKeys, PartitionSummary | None]:
-    """Partition ``k``'s keys, and its finished result in the store if there is one."""
+                    ) -> tuple[PartitionKeys, PartitionSummary | None, set[str]]:
+    """Partition ``k``'s keys, its finished result in the store if there is one, and else the member groups
+    the store lacks for it."""
     keys = partition_keys(job, k, records, duplicates)
-    return keys, stored_summary(storage.join(job.store, keys.fingerprint), job.config.output.storage_options)
+    options = job.config.output.storage_options
+    stored = stored_summary(storage.join(job.store, keys.fingerprint), options)
+    if stored is not None:
+        return keys, stored, set()
+    members = storage.join(job.store, MEMBERS_DIR)
+    return keys, None, {group for group, key in keys.members.items()
+                        if not storage.exists(storage.join(members, entry_name(group, key), ENTRY_JSON), options)}
+
+
+def computed_modalities(groups: set[str]) -> set[str]:
+    """The modalities whose code runs to make these groups: audio's (torch) only for a mel or a waveform; a
+    FLAC alone comes from the cached waveform."""
+    return {GROUP_MODALITY[g] for g in groups if g != "flac"}
 
 
 def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> Result:
@@ -309,7 +311,9 @@ def build(job: Job, scan: Scan, phases: dict, start: float, log: Callable[[str],
         if check.count:   # something to build: only now is an executor chosen and started
             executor = make_executor(config.ray, check.samples, check.largest)
             mark = time.perf_counter()
-            executor.start(job, sorted(scan.modalities))
+            # warm what the work found so far computes (a config change asks the same of every partition; a
+            # partition that needs more imports it itself)
+            executor.start(job, sorted(check.computing))
             phases["startup"] = time.perf_counter() - mark
             if executor.name == "ray":   # Ray's tasks fingerprint the rest themselves, in parallel
                 check.stop_checking()

@@ -24,7 +24,7 @@ from mmdata.prep.pipeline import preprocess
 from mmdata.prep.store import STORE
 
 QUIET = {"log": lambda _: None}
-GROUPS = ("text", "image", "audio")
+GROUPS = ("text", "image", "audio", "waveform")   # waveform: the 16-bit clip the mel is made from
 
 
 @pytest.fixture()
@@ -65,11 +65,13 @@ TABLE = [
     ("image.format=webp", {"image"}),
     ("text.vocab_size=96", {"text"}),           # a new tokenizer
     ("text.max_tokens=12", {"text"}),
-    ("audio.n_mels=24", {"audio"}),
-    ("audio.keep_waveform=true", {"waveform"}),  # the FLAC added; the mel reused
+    ("audio.n_mels=24", {"audio"}),              # from the cached waveform: no decoding, no resampling
+    ("audio.hop_length=200", {"audio"}),
+    ("audio.max_seconds=1.5", {"audio", "waveform"}),
+    ("audio.keep_waveform=true", {"flac"}),      # the FLAC added, from the cached waveform; the mel reused
     ("image.on_error=reject_sample", set()),     # decides at assembly only
     ("output.max_shard_bytes=60000", set()),     # shards split differently, members the same
-    ("output.samples_per_shard=16", {"text", "image", "audio"}),   # new partitions
+    ("output.samples_per_shard=16", {"text", "image", "audio", "waveform"}),   # new partitions
 ]
 
 
@@ -78,12 +80,24 @@ def test_a_change_recomputes_only_what_it_affects_and_gives_a_fresh_builds_bytes
                                                                                   recomputed):
     rebuilt, fresh = rebuild_and_fresh(demo_dir / "manifest.jsonl", tmp_path, [], [change])
     partitions = rebuilt.partitions_built + rebuilt.partitions_reused
-    groups = set(GROUPS) | ({"waveform"} if "keep_waveform" in change else set())
+    groups = set(GROUPS) | ({"flac"} if "keep_waveform" in change else set())
     assert built(rebuilt) == {g: (partitions, 0) if g in recomputed else (0, partitions) for g in groups}
     assert built(fresh) == {g: (partitions, 0) for g in groups}
     reused_from = {g: use["from"] for g, use in rebuilt.lineage.items() if g not in recomputed}
     first = sorted(p.name for p in (tmp_path / "work").glob("t-*") if p.name != Path(rebuilt.dataset).name)
     assert all(names == first for names in reused_from.values()) and len(first) == 1
+
+
+def test_new_mel_settings_come_from_the_cached_waveform_without_reading_a_file(inputs, tmp_path):
+    manifest = inputs / "manifest.jsonl"
+    fresh = preprocess(preprocess_config(manifest, tmp_path / "fresh", "audio.n_mels=24"), **QUIET)
+    root, by_name = tmp_path / "work", "input.file_identity=name"   # a deleted file keeps its identity
+    preprocess(preprocess_config(manifest, root, by_name), **QUIET)
+    shutil.rmtree(inputs / "audio")   # gone: only the store has the clips now
+    rebuilt = preprocess(preprocess_config(manifest, root, "audio.n_mels=24", by_name), **QUIET)
+    assert rebuilt.totals.errors_by_reason == {} and built(rebuilt)["audio"] == (4, 0)
+    files = {k: v for k, v in comparable(rebuilt.dataset).items() if k != "dataset.json"}
+    assert files == {k: v for k, v in comparable(fresh.dataset).items() if k != "dataset.json"}
 
 
 def test_editing_one_row_recomputes_only_the_changed_modality_of_its_partition(inputs, tmp_path):
@@ -99,19 +113,19 @@ def test_editing_one_row_recomputes_only_the_changed_modality_of_its_partition(i
     manifest.write_text("".join(json.dumps(r) + "\n" for r in data))
     new_image = preprocess(preprocess_config(manifest, root, tok), **QUIET)
     assert (new_image.partitions_built, new_image.partitions_reused) == (1, 3)
-    assert built(new_image) == {"text": (0, 4), "image": (1, 3), "audio": (0, 4)}
+    assert built(new_image) == {"text": (0, 4), "image": (1, 3), "audio": (0, 4), "waveform": (0, 4)}
     data[row]["text"] = "an edited caption"
     data[row + 1]["meta"] = {"edited": True}   # metadata is made at assembly: no member recomputed for it
     manifest.write_text("".join(json.dumps(r) + "\n" for r in data))
     new_text = preprocess(preprocess_config(manifest, root, tok), **QUIET)
-    assert built(new_text) == {"text": (1, 3), "image": (0, 4), "audio": (0, 4)}
+    assert built(new_text) == {"text": (1, 3), "image": (0, 4), "audio": (0, 4), "waveform": (0, 4)}
     # a new id and another (existing) label: the sample's json, cls and index change, no member does
     data[30]["id"] = "a-new-id"
     data[31]["label"] = next(r["label"] for r in data if r.get("label") not in (None, data[31].get("label")))
     manifest.write_text("".join(json.dumps(r) + "\n" for r in data))
     relabelled = preprocess(preprocess_config(manifest, root, tok), **QUIET)
     assert (relabelled.partitions_built, relabelled.partitions_reused) == (1, 3)
-    assert built(relabelled) == {"text": (0, 4), "image": (0, 4), "audio": (0, 4)}
+    assert built(relabelled) == {"text": (0, 4), "image": (0, 4), "audio": (0, 4), "waveform": (0, 4)}
     fresh = preprocess(preprocess_config(manifest, tmp_path / "fresh", tok), **QUIET)
     assert comparable(relabelled.dataset) == comparable(fresh.dataset)
 
@@ -120,7 +134,7 @@ def test_members_are_reused_across_datasets_with_another_output_name(demo_dir, t
     manifest, root = demo_dir / "manifest.jsonl", tmp_path / "work"
     first = preprocess(preprocess_config(manifest, root, "output.name=small"), **QUIET)
     second = preprocess(preprocess_config(manifest, root, "output.name=large", "image.size=48"), **QUIET)
-    assert built(second) == {"text": (0, 4), "image": (4, 0), "audio": (0, 4)}
+    assert built(second) == {"text": (0, 4), "image": (4, 0), "audio": (0, 4), "waveform": (0, 4)}
     assert second.lineage["audio"]["from"] == second.lineage["text"]["from"] == [Path(first.dataset).name]
     from mmdata.cli import main
     assert main(["info", str(second.dataset)]) == 0
@@ -143,7 +157,7 @@ def test_rejections_are_decided_again_at_assembly_as_a_fresh_build_would(inputs,
     strict = ["image.on_error=reject_sample", "audio.keep_waveform=true"]
 
     rebuilt, fresh = rebuild_and_fresh(manifest, tmp_path, strict, [*strict, "text.max_tokens=12"])
-    assert built(rebuilt) == {"text": (4, 0), "image": (0, 4), "audio": (0, 4), "waveform": (0, 4)}
+    assert built(rebuilt) == {"text": (4, 0), "image": (0, 4), "audio": (0, 4), "waveform": (0, 4), "flac": (0, 4)}
     errors = [json.loads(line) for line in (Path(rebuilt.dataset) / "errors.jsonl").read_text().splitlines()]
     assert [(e["row"], e["reason"], e["action"]) for e in errors] == \
         [(bad_image, "corrupt_image", "rejected"),
@@ -153,14 +167,14 @@ def test_rejections_are_decided_again_at_assembly_as_a_fresh_build_would(inputs,
     lenient = ["image.on_error=drop_modality", "audio.keep_waveform=true"]
     shutil.rmtree(tmp_path / "fresh")
     back, _ = rebuild_and_fresh(manifest, tmp_path, strict, lenient)
-    assert built(back) == {"text": (0, 4), "image": (0, 4), "audio": (0, 4), "waveform": (0, 4)}
+    assert built(back) == {"text": (0, 4), "image": (0, 4), "audio": (0, 4), "waveform": (0, 4), "flac": (0, 4)}
     assert back.totals.rejected == rebuilt.totals.rejected - 1
 
-    # a 128-point FFT gives the short clip a mel frame: its cached waveform (kept apart from the mel, which
-    # failed) now goes into the shard beside the new mel, as a fresh build would write it
+    # a 128-point FFT gives the short clip a mel frame, made from its cached waveform (kept apart from the
+    # mel, which failed), and its cached FLAC goes into the shard beside it, as a fresh build writes them
     shutil.rmtree(tmp_path / "fresh")
     wider, _ = rebuild_and_fresh(manifest, tmp_path, lenient, [*lenient, "audio.n_fft=128", "audio.n_mels=24"])
-    assert built(wider) == {"text": (0, 4), "image": (0, 4), "audio": (4, 0), "waveform": (0, 4)}
+    assert built(wider) == {"text": (0, 4), "image": (0, 4), "audio": (4, 0), "waveform": (0, 4), "flac": (0, 4)}
     assert "audio_too_short" not in wider.totals.errors_by_reason
 
 
@@ -172,7 +186,7 @@ def test_a_damaged_member_entry_is_computed_again(demo_dir, tmp_path):
         f.truncate(100)
     (audio[1] / "entry.json").unlink()                  # never finished
     changed = preprocess(preprocess_config(manifest, root, "image.size=40"), **QUIET)
-    assert built(changed) == {"text": (0, 4), "image": (4, 0), "audio": (2, 2)}
+    assert built(changed) == {"text": (0, 4), "image": (4, 0), "audio": (2, 2), "waveform": (0, 4)}
     fresh = preprocess(preprocess_config(manifest, tmp_path / "fresh", "image.size=40"), **QUIET)
     assert comparable(changed.dataset) == comparable(fresh.dataset)
 

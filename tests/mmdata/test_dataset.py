@@ -31,7 +31,7 @@ def test_the_writer_and_the_reader_agree(demo_dataset):
     d = load_description(demo_dataset)
     doc = description_json(d.name, d.fingerprint, d.config, d.source, d.labels, d.tokenizer, list(d.shards),
                            d.totals, d.versions, d.config_fingerprint, d.lineage)
-    assert d.config_fingerprint and set(d.lineage) == {"text", "image", "audio"}
+    assert d.config_fingerprint and set(d.lineage) == {"text", "image", "audio", "waveform"}
     assert asdict(DatasetDescription.from_json(doc, demo_dataset)) == asdict(d)
 
 

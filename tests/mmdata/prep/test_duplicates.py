@@ -160,7 +160,6 @@ def test_the_scan_collects_only_from_rows_kept_as_if_duplicates_were_skipped(set
     scan = pipeline.scan_input(config)
     assert scan.rows == 103 and scan.duplicates.tolist() == [1, *range(32, 102)]
     assert scan.labels == {"1", "2", "3"} and not scan.named_labels and pipeline.label_mapping(scan) is None
-    assert scan.modalities == {"text", "image"}
     # the sample (40 texts + a reserve of 4) held 13 repeats: the texts missing were read again, after it
     assert scan.texts == ["first a", *(f"text {i}" for i in range(30)), "last b"]
     for _, records, duplicates in pipeline.iter_partitions(config, scan):

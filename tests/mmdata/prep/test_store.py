@@ -70,7 +70,7 @@ def test_gc_removes_exactly_the_entries_of_a_deleted_dataset(two_datasets, demo_
     assert entries(root) == listed(large.dataset)
     assert member_entries(root) == large_members   # the small one's image members went; the shared ones stay
     assert "removed 8 unused entries" in out
-    assert "kept 4 used by 1 finished datasets and the 12 member entries they were assembled from" in out
+    assert "kept 4 used by 1 finished datasets and the 16 member entries they were assembled from" in out
     freed = float(out.split("freed ")[1].split(" MB")[0])
     assert freed > 0.1   # the deleted dataset's shards: their only links were in the store
     assert dataset_files(large.dataset) == kept_files
@@ -102,7 +102,7 @@ def test_keep_days_keeps_recent_unused_entries(two_datasets):
     result = collect(str(root), keep_days=7)
     assert sorted(e for e, _ in result.removed) == old
     # the image members of the two old entries were written just now; the recent entries keep theirs in use
-    assert result.recent == len(recent) + 2 and result.members_in_use == 12 + 2
+    assert result.recent == len(recent) + 2 and result.members_in_use == 16 + 2
     assert entries(root) == listed(large.dataset) | set(recent)
 
 
@@ -187,19 +187,19 @@ def test_gc_is_refused_during_a_real_run_and_after_it_removes_nothing_in_use(dem
     result = collect(str(tmp_path / "out"))
     assert result.removed == [] and result.in_use == len(entries(tmp_path / "out")) == 24
     # the input is the demo four times under new ids: every 6th partition has the same texts and files, so
-    # the same members (6 x text, image, audio), computed once
-    assert result.members_in_use == len(member_entries(tmp_path / "out")) == 18
+    # the same members (6 x text, image, audio and its waveform), computed once
+    assert result.members_in_use == len(member_entries(tmp_path / "out")) == 24
 
 
 def test_drop_members_frees_the_member_cache_and_keeps_every_dataset_whole(two_datasets, demo_dir, capsys):
     root, small, large, _ = two_datasets
     files = dataset_files(small.dataset), dataset_files(large.dataset)
     assert main(["gc", str(root), "--drop-members"]) == 0
-    assert "removed 16 unused entries" in capsys.readouterr().out   # 12 + the small one's 4 image entries
+    assert "removed 20 unused entries" in capsys.readouterr().out   # 16 + the small one's 4 image entries
     assert member_entries(root) == set() and entries(root) == listed(small.dataset) | listed(large.dataset)
     assert (dataset_files(small.dataset), dataset_files(large.dataset)) == files
     again = preprocess(preprocess_config(demo_dir / "manifest.jsonl", root), **QUIET)
     assert again.reused_dataset and again.partitions_built == 0
     # with no cache, a change of one modality recomputes them all
     changed = preprocess(preprocess_config(demo_dir / "manifest.jsonl", root, "image.size=40"), **QUIET)
-    assert changed.partitions_built == 4 and len(member_entries(root)) == 12
+    assert changed.partitions_built == 4 and len(member_entries(root)) == 16
