@@ -225,7 +225,7 @@ def audio_stages(clips: list[bytes], config) -> dict[str, float]:
     spectrogram, mel_scale = audio._mel_transform(config.sample_rate, config.n_fft, config.win_length,
                                                   config.hop_length, config.f_min, config.f_max, config.n_mels)
     steps = dict.fromkeys(("decode (soundfile)", "checks (numpy)", "down-mix (numpy)", "resample (torchaudio)",
-                           "STFT (torch)", "power, mel, log (torch)", "npy"), 0.0)
+                           "16-bit waveform (numpy)", "STFT (torch)", "power, mel, log (torch)", "npy"), 0.0)
 
     def timed(step, fn, *args):
         start = time.process_time()
@@ -245,6 +245,8 @@ def audio_stages(clips: list[bytes], config) -> dict[str, float]:
             mono = timed("down-mix (numpy)", audio.down_mix, frames)
             wave = audio._fit_length(timed("resample (torchaudio)", audio._resample, mono, rate, config.sample_rate),
                                      config)
+            pcm, _ = timed("16-bit waveform (numpy)", audio.to_pcm16, wave.numpy())
+            wave = torch.from_numpy(timed("16-bit waveform (numpy)", audio.from_pcm16, pcm))
             spectrum = timed("STFT (torch)", spectrogram, wave)
             mel = timed("power, mel, log (torch)", lambda x: torch.log(
                 mel_scale(x.real.square() + x.imag.square()) + config.log_offset).to(torch.float16).numpy(), spectrum)

@@ -134,19 +134,32 @@ def decode_clip(data: bytes, config: AudioConfig) -> tuple[np.ndarray, dict]:
     if duration < config.min_seconds:
         raise SampleError("audio_too_short",
                           f"audio is {duration:.2f} s, under audio.min_seconds={config.min_seconds}")
-    wave = _fit_length(_resample(mono, rate, config.sample_rate), config).numpy()
-    clipped = int(np.count_nonzero(np.abs(wave) > 1.0))   # resampling overshoots a little; hot float files more
-    pcm = np.rint(np.clip(wave, -1.0, 1.0) * np.float32(PCM_SCALE)).astype("<i2")
+    pcm, clipped = to_pcm16(_fit_length(_resample(mono, rate, config.sample_rate), config).numpy())
     info = {"duration": duration, "sample_rate": rate, "channels": channels, "samples": int(pcm.size)}
     if clipped:
         info["clipped"] = clipped
     return pcm, info
 
 
+def to_pcm16(wave: np.ndarray) -> tuple[np.ndarray, int]:
+    """float32 samples -> (little-endian int16 samples, how many were beyond [-1, 1] and clipped)."""
+    scaled = np.multiply(wave, np.float32(PCM_SCALE))   # a new array: ``wave`` may share the decoder's memory
+    clipped = 0
+    if wave.size and max(wave.max(), -wave.min()) > 1.0:   # resampling overshoots a little; hot float files more
+        clipped = int(np.count_nonzero(np.abs(wave) > 1.0))
+        np.clip(scaled, -PCM_SCALE, PCM_SCALE, out=scaled)
+    return np.rint(scaled, out=scaled).astype("<i2"), clipped
+
+
+def from_pcm16(pcm: np.ndarray) -> np.ndarray:
+    """int16 samples -> the float32 samples the features are made from."""
+    return np.divide(pcm, np.float32(PCM_SCALE), dtype=np.float32)
+
+
 def mel_members(pcm: np.ndarray, info: dict, config: AudioConfig) -> tuple[dict[str, bytes], dict]:
     """``{"mel.npy"}`` of a 16-bit waveform, and the info with the mel's ``frames``."""
     import torch
-    mel = _log_mel(torch.from_numpy(pcm.astype(np.float32) / np.float32(PCM_SCALE)), config)
+    mel = _log_mel(torch.from_numpy(from_pcm16(pcm)), config)
     return {MEL: _npy_bytes(mel)}, {**info, "frames": int(mel.shape[1])}
 
 

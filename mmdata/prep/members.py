@@ -278,8 +278,10 @@ def encode_groups(job: Job, records: list[Record], encoded: list[bool], keys: di
             continue
         config = getattr(job.config, modality)
         cached_wave = found.get("waveform") if modality == "audio" else None
-        writers = {g: store.writer(g, keys[g], len(records)) for g in wanted}
+        writers: dict[str, EntryWriter] = {}
         try:
+            for group in wanted:
+                writers[group] = store.writer(group, keys[group], len(records))
             needed = [(i, r) for i, r in enumerate(records) if encoded[i] and getattr(r, modality) is not None]
             rows = ((i, None) for i, _ in needed) if cached_wave else read_ahead(needed, modality, job)
             for i, data in rows:

@@ -237,3 +237,21 @@ def test_validate_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError) as e:
         AudioConfig(**{field: value}).validate()
     assert e.value.key == field
+
+
+def test_the_mel_is_made_from_the_16_bit_waveform_the_flac_holds():
+    members, info = encode_audio(audio_bytes(sine(440, 0.5, rate=44100), rate=44100),
+                                 AudioConfig(keep_waveform=True))
+    flac, rate = sf.read(io.BytesIO(members[FLAC]), dtype="int16")
+    assert rate == RATE and flac.size == info["samples"] and "clipped" not in info
+    from mmdata.prep.audio import mel_members
+    again, _ = mel_members(flac.astype("<i2"), info, AudioConfig(keep_waveform=True))
+    assert again[MEL] == members[MEL]   # a reader can recompute the features from the FLAC, bit for bit
+
+
+def test_samples_beyond_full_scale_are_clipped_and_counted_in_the_info():
+    hot = sine(440, 0.5, amp=1.5)
+    _, info, members = run(audio_bytes(hot, subtype="FLOAT"), keep_waveform=True)
+    flac, _ = sf.read(io.BytesIO(members[FLAC]), dtype="int16")
+    assert info["clipped"] == int(np.count_nonzero(np.abs(hot) > 1.0)) > 0
+    assert flac.max() == 32767 and flac.min() == -32767
