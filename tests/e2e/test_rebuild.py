@@ -185,8 +185,13 @@ def test_a_damaged_member_entry_is_computed_again(demo_dir, tmp_path):
     with open(audio[0] / "members.bin", "r+b") as f:   # cut short: its size no longer matches entry.json
         f.truncate(100)
     (audio[1] / "entry.json").unlink()                  # never finished
+    with open(audio[2] / "members.bin", "r+b") as f:   # one byte flipped by a failing disk: same size
+        f.seek(5000)
+        byte = f.read(1)
+        f.seek(5000)
+        f.write(bytes([byte[0] ^ 1]))
     changed = preprocess(preprocess_config(manifest, root, "image.size=40"), **QUIET)
-    assert built(changed) == {"text": (0, 4), "image": (4, 0), "audio": (2, 2), "waveform": (0, 4)}
+    assert built(changed) == {"text": (0, 4), "image": (4, 0), "audio": (3, 1), "waveform": (0, 4)}
     fresh = preprocess(preprocess_config(manifest, tmp_path / "fresh", "image.size=40"), **QUIET)
     assert comparable(changed.dataset) == comparable(fresh.dataset)
 
