@@ -88,3 +88,16 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """The loader keys the trainer sets itself are refused when set otherwise, never silently replaced."""
+        loader, default = self.data.loader, LoaderConfig()
+        require(loader.seed in (default.seed, self.train.seed), "data.loader.seed",
+                f"is the trainer's train.seed ({self.train.seed}), which orders the data and seeds the model; "
+                f"set train.seed={loader.seed} instead")
+        require(loader.eval_fraction in (default.eval_fraction, self.data.eval_fraction), "data.loader.eval_fraction",
+                f"is data.eval_fraction ({self.data.eval_fraction}); set data.eval_fraction={loader.eval_fraction} "
+                "instead")
+        require(loader.split == default.split, "data.loader.split",
+                "is chosen by the trainer (train to train, eval to evaluate); leave it out and set "
+                "data.eval_fraction")

@@ -31,6 +31,7 @@ from mmtrain.failures import (DataError, Interrupted, StopRequest, TrainingError
                               out_of_memory_message, reading, skipped_sample)
 from mmtrain.losses import total_loss
 from mmtrain.model import FusionModel, real_samples
+from mmtrain.optim import adamw, load_optimizer_state
 from mmtrain.report import Logger, finish, log_step, note_skipped, show_skip_reasons, total_skipped
 from mmtrain.resume import check_run_dir, prepare_run_dir, resume
 
@@ -73,7 +74,7 @@ class TrainState:
             set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=full)
         else:
             self.raw_model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, self.raw_model, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.skipped = int(state.get("skipped", 0))   # checkpoints before the count have none
@@ -139,12 +140,18 @@ def setup(config: ExperimentConfig, d: Dist) -> TrainState:
     loader = train_loader(config, dataset, d)
     model = build_model(config, facts)
     wrapped = wrap(model, config, d)   # before the optimizer: FSDP2 swaps parameters for sharded ones
-    o = config.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    optimizer = adamw(model, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     state = TrainState(wrapped, model, optimizer, scheduler, loader, facts, sharded=config.train.fsdp)
     resume(state, config, d, dataset)
     return state
+
+
+def ddp_module(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
+    """The DDP wrapper of a (possibly torch.compile'd) model, whose no_sync skips the gradient all-reduce
+    of non-final micro-steps; None without DDP."""
+    inner = getattr(model, "_orig_mod", model)   # torch.compile's wrapper keeps the module it compiled here
+    return inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
 
 
 def batches(loader: MultimodalLoader):
@@ -181,8 +188,8 @@ def train_step(state: TrainState, stream, config: ExperimentConfig, d: Dist) -> 
         batch = move_to(batch, d.device)  # copy + normalisation count as step work
         samples += len(batch["ids"])
         note_skipped(state, batch.get("skipped"))
-        sync = micro == accum - 1 or not isinstance(state.model, torch.nn.parallel.DistributedDataParallel)
-        context = state.model.no_sync() if not sync else torch.enable_grad()
+        ddp = ddp_module(state.model)
+        context = ddp.no_sync() if ddp is not None and micro < accum - 1 else torch.enable_grad()
         with context, autocast(config, d):
             losses = total_loss(state.model(batch), batch, config.train.loss, config.train.classify_weight)
         if not torch.isfinite(losses["loss"]):
