@@ -58,6 +58,9 @@ class TrainConfig:
     steps: int = 300                # optimiser steps
     loss: str = "both"              # contrastive | classify | both
     classify_weight: float = 1.0
+    # per sample and modality, the chance that training hides it (one is always kept): the fusion head then
+    # sees single modalities and pairs, as evaluation shows it each subset and real data lacks some
+    modality_dropout: float = 0.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100           # 0 = only at the end
@@ -74,6 +77,8 @@ class TrainConfig:
         require(0 <= self.classify_weight < float("inf"), "classify_weight",
                 f"must be >= 0 and finite; got {self.classify_weight}")
         require_choice(self.loss, "loss", ("contrastive", "classify", "both"))
+        require(0 <= self.modality_dropout < 1, "modality_dropout",
+                f"must be in [0, 1); got {self.modality_dropout}")
         require(self.log_every > 0, "log_every", "must be positive")
         require(self.eval_every >= 0, "eval_every", f"must be >= 0; got {self.eval_every}")
         require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")

@@ -53,7 +53,8 @@ def match_ranks(query: torch.Tensor, gallery: torch.Tensor, offset: int) -> torc
 
 def evaluate_embeddings(embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
                         logits: torch.Tensor | None, labels: torch.Tensor, has_label: torch.Tensor,
-                        num_classes: int, ks=(1, 5, 10)) -> dict[str, float]:
+                        num_classes: int, ks=(1, 5, 10),
+                        subset_logits: dict[tuple[str, ...], torch.Tensor] | None = None) -> dict[str, float]:
     """Every metric with its chance level and sample count, as one flat dict.
 
     embeddings[m] is [N, D] (rows of samples lacking m are arbitrary and
@@ -61,15 +62,85 @@ def evaluate_embeddings(embeddings: dict[str, torch.Tensor], present: dict[str, 
     samples that have both modalities, so n differs per pair; pairs with
     n < 2 are skipped (one candidate is no retrieval). Keys look like
     "text->image/R@1", "text->image/R@1/chance", "text->image/n" and
-    "accuracy", "accuracy/chance", "accuracy/uniform_chance", "accuracy/n".
+    "accuracy", "accuracy/chance", "accuracy/uniform_chance", "accuracy/n". With labels, class-aware
+    retrieval too ("text->image/class@1": a top-1 item of the query's class) and the median rank of the
+    match; with ``subset_logits`` (the fusion head's logits with only some modalities shown), accuracy per
+    modality subset on the samples that have them all, and the fusion gain over the best single one.
     """
     metrics: dict[str, float] = {}
     for a, b in PAIRS:
         if a in embeddings and b in embeddings:
             metrics.update(pair_metrics(a, b, embeddings, present, ks))
+            if bool(has_label.any()):
+                metrics.update(class_metrics(a, b, embeddings, present, labels, has_label, ks))
     if logits is not None and bool(has_label.any()):
         metrics.update(accuracy_metrics(logits, labels, has_label, num_classes))
+        if subset_logits:
+            metrics.update(subset_metrics(subset_logits, present, labels, has_label, num_classes))
     return metrics
+
+
+def class_metrics(a: str, b: str, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
+                  labels: torch.Tensor, has_label: torch.Tensor, ks) -> dict[str, float]:
+    """Over labelled samples having both modalities: the share of queries whose top k gallery items hold
+    one of the query's class ("class@k"; instance recall is capped near 1 / class size on data with few
+    classes, this is not), beside its chance (a random ranking: 1 - C(n - n_c, k) / C(n, k) for a class
+    of n_c items, averaged over queries); and the median rank of the query's own match, beside a random
+    ranking's (n + 1) / 2. Ties among gallery items are broken by their order."""
+    both = present[a].bool() & present[b].bool() & has_label.bool()
+    n = int(both.sum())
+    if n < 2:
+        return {}
+    query = torch.nn.functional.normalize(embeddings[a][both].float(), dim=-1)
+    gallery = torch.nn.functional.normalize(embeddings[b][both].float(), dim=-1)
+    target = labels[both].long()
+    top = min(max(ks), n)
+    hits = {k: 0 for k in ks}
+    ranks = []
+    for start in range(0, n, CHUNK):
+        sim = query[start:start + CHUNK] @ gallery.T
+        ranks.append(match_ranks(query[start:start + CHUNK], gallery, start))
+        nearest = target[sim.topk(top, dim=1).indices]                  # [chunk, top] classes of the top items
+        same = nearest == target[start:start + CHUNK, None]
+        for k in ks:
+            hits[k] += int(same[:, :min(k, n)].any(dim=1).sum())
+    class_size = torch.bincount(target)[target].double()              # n_c for each query, itself included
+    out: dict[str, float] = {}
+    for k in ks:
+        kk = min(k, n)
+        miss = torch.ones(n, dtype=torch.float64)
+        for j in range(kk):   # P(no item of the class among k drawn without replacement)
+            miss *= ((n - class_size - j) / (n - j)).clamp(min=0)
+        out[f"{a}->{b}/class@{k}"] = hits[k] / n
+        out[f"{a}->{b}/class@{k}/chance"] = float(1 - miss.mean())
+    out[f"{a}->{b}/median_rank"] = float(torch.cat(ranks).double().median() + 1)
+    out[f"{a}->{b}/median_rank/chance"] = (n + 1) / 2
+    return out
+
+
+def subset_metrics(subset_logits: dict[tuple[str, ...], torch.Tensor], present: dict[str, torch.Tensor],
+                   labels: torch.Tensor, has_label: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy of the fusion head shown only each subset of modalities ("accuracy[image+audio]"), all on the
+    labelled samples that have every modality (one n, so subsets compare), with the majority-class chance;
+    and "fusion_gain": all modalities minus the best single one."""
+    complete = has_label.bool()
+    for mask in present.values():
+        complete &= mask.bool()
+    n = int(complete.sum())
+    if n == 0:
+        return {}
+    target = labels[complete].long()
+    chance = torch.bincount(target, minlength=num_classes).max().item() / n
+    out: dict[str, float] = {}
+    for subset, logits in sorted(subset_logits.items(), key=lambda item: (len(item[0]), item[0])):
+        key = f"accuracy[{'+'.join(subset)}]"
+        out[key] = (logits[complete].argmax(dim=-1) == target).float().mean().item()
+        out[f"{key}/chance"], out[f"{key}/n"] = chance, n
+    singles = [v for k, v in out.items() if k.startswith("accuracy[") and "+" not in k and "/" not in k]
+    everything = max(subset_logits, key=len)
+    if singles and len(everything) > 1:
+        out["fusion_gain"] = out[f"accuracy[{'+'.join(everything)}]"] - max(singles)
+    return out
 
 
 def pair_metrics(a: str, b: str, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
@@ -122,7 +193,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
     scores = [k for k in metrics if not k.endswith(("/chance", "/uniform_chance", "/n")) and k != "skipped"]
     if not scores:
         return "(no metrics)"
-    names = {k: k.replace("/R@", " R@") for k in scores}
+    names = {k: k.replace("/R@", " R@").replace("/class@", " class@").replace("/median_rank", " median rank")
+             for k in scores}
     width = max(len(name) for name in names.values())
     return "\n".join(format_line(k, names[k], width, metrics) for k in scores)
 

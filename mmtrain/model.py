@@ -250,14 +250,21 @@ class FusionModel(nn.Module):
             out["audio"] = self.encoders["audio"](batch["mel"], batch["mel_mask"])
         return out
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, subsets: tuple[tuple[str, ...], ...] = ()) -> dict:
+        """Embeddings, presence, the fusion head's logits and the temperature; with ``subsets`` (evaluation),
+        also the head's logits when shown only each subset of modalities (the others masked out, as when
+        a sample lacks them)."""
         real = real_samples(batch)
         encoded = self.encode(batch)
         present = {m: batch[f"has_{m}"] & real for m in encoded}
         embeddings = {m: F.normalize(self.project[m](pooled), dim=-1) for m, (_, _, pooled) in encoded.items()}
         logits = self.fuse(encoded, present) if self.classify else None
-        return {"embeddings": embeddings, "present": present, "logits": logits,
-                "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp().squeeze(0)}
+        out = {"embeddings": embeddings, "present": present, "logits": logits,
+               "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp().squeeze(0)}
+        if self.classify and subsets:
+            out["subset_logits"] = {s: self.fuse(encoded, {m: p if m in s else torch.zeros_like(p)
+                                                            for m, p in present.items()}) for s in subsets}
+        return out
 
     def fuse(self, encoded: dict, present: dict) -> torch.Tensor:
         pieces, masks = [], []

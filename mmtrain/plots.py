@@ -32,6 +32,39 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     return out
 
 
+def plot_modalities(metrics: dict[str, float], out_png: str | Path) -> Path | None:
+    """A bar per modality subset: the fusion head's accuracy shown only those modalities, the
+    majority-class chance dashed across; None (nothing drawn) when the run has no subset accuracies."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = [k for k in metrics if k.startswith("accuracy[") and "/" not in k.split("]")[-1]]
+    if not keys:
+        return None
+    fig = Figure(figsize=(1.2 * len(keys) + 2, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    names = [k[len("accuracy["):-1].replace("+", " +\n") for k in keys]
+    bars = ax.bar(names, [metrics[k] for k in keys], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    chance = metrics.get(f"{keys[0]}/chance")
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", label=f"chance (majority class) {chance:.2f}")
+    gain = metrics.get("fusion_gain")
+    ax.set_title("accuracy by the modalities shown" + (f"; fusion gain {gain:+.2f}" if gain is not None else "")
+                 + f" (n={int(metrics.get(f'{keys[0]}/n', 0))})", fontsize=10)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    out = Path(out_png)
+    write_atomically(buf.getvalue(), out)
+    return out
+
+
 def read_series(path: Path) -> dict[str, list[tuple[float, float]]]:
     """{key: [(step, value), ...]} for every numeric key; lines without "step" are skipped."""
     lines = path.read_text(encoding="utf-8").splitlines()

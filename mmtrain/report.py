@@ -81,12 +81,14 @@ def total_skipped(state: TrainState, d: Dist) -> int:
 def finish(run_dir: Path, metrics: dict[str, float], skipped: int | None = None, dataset: str = "") -> None:
     """The end of a run (rank 0): curves.png and eval.json written, the metrics and where they are printed."""
     from mmtrain.evaluate import format_metrics
-    from mmtrain.plots import plot_curves
+    from mmtrain.plots import plot_curves, plot_modalities
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    bars = plot_modalities(metrics, run_dir / "modalities.png")
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     print(format_metrics(metrics))
     if skipped is not None:
         in_eval = int(metrics.get("skipped", 0))
         hint = f"; `mmdata verify {dataset}` finds them all" if skipped or in_eval else ""
         print(f"skipped samples: {skipped} in training, {in_eval} in evaluation (data.loader.on_error=skip{hint})")
-    print(f"run directory {run_dir}: checkpoints/, metrics.jsonl, tensorboard/, curves.png, eval.json")
+    print(f"run directory {run_dir}: checkpoints/, metrics.jsonl, tensorboard/, curves.png, "
+          f"{'modalities.png, ' if bars else ''}eval.json")

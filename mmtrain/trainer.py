@@ -147,6 +147,23 @@ def setup(config: ExperimentConfig, d: Dist) -> TrainState:
     return state
 
 
+def drop_modalities(batch: dict, p: float) -> None:
+    """Hide each present modality of each sample with probability ``p`` (its has_* flag cleared, as for a
+    sample that lacks it), never every one of a sample's modalities. Uses torch's seeded generator, so a
+    resumed run drops the same ones."""
+    flags = [k for k in ("has_text", "has_image", "has_audio") if k in batch]
+    if not flags:
+        return
+    present = torch.stack([batch[k] for k in flags], dim=1)
+    keep = present & (torch.rand(present.shape, device=present.device) >= p)
+    emptied = keep.sum(dim=1) == 0   # all hidden: keep the sample's first present modality instead
+    first = torch.zeros_like(present)
+    first[torch.arange(len(present)), present.float().argmax(dim=1)] = True
+    keep = torch.where(emptied[:, None], present & first, keep)
+    for i, k in enumerate(flags):
+        batch[k] = keep[:, i]
+
+
 def ddp_module(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
     """The DDP wrapper of a (possibly torch.compile'd) model, whose no_sync skips the gradient all-reduce
     of non-final micro-steps; None without DDP."""
@@ -186,6 +203,8 @@ def train_step(state: TrainState, stream, config: ExperimentConfig, d: Dist) -> 
             batch = next(stream)
         wait += time.perf_counter() - t
         batch = move_to(batch, d.device)  # copy + normalisation count as step work
+        if config.train.modality_dropout:
+            drop_modalities(batch, config.train.modality_dropout)
         samples += len(batch["ids"])
         note_skipped(state, batch.get("skipped"))
         ddp = ddp_module(state.model)
@@ -219,6 +238,7 @@ def evaluate(model: FusionModel, config: ExperimentConfig, dataset: str, device:
     parts: dict[str, list] = {"label": [], "has_label": [], "logits": []}
     skipped: set[str] = set()
     loader = eval_loader(config, dataset)
+    subsets = modality_subsets(tuple(model.encoders)) if model.classify else ()
     try:
         with reading(dataset):
             for batch in loader:
@@ -230,13 +250,15 @@ def evaluate(model: FusionModel, config: ExperimentConfig, dataset: str, device:
                     show_skip_reasons(shown, reasons)
                 if not len(batch["ids"]):
                     continue
-                out = model(batch)
+                out = model(batch, subsets=subsets)
                 real = real_samples(batch)
                 for m, e in out["embeddings"].items():
                     parts.setdefault(f"emb/{m}", []).append(e[real].float().cpu())
                     parts.setdefault(f"present/{m}", []).append(out["present"][m][real].cpu())
                 if out["logits"] is not None:
                     parts["logits"].append(out["logits"][real].float().cpu())
+                for subset, logits in out.get("subset_logits", {}).items():
+                    parts.setdefault(subset, []).append(logits[real].float().cpu())
                 parts["label"].append(batch["label"][real].cpu())
                 parts["has_label"].append(batch["has_label"][real].cpu())
     finally:
@@ -245,15 +267,24 @@ def evaluate(model: FusionModel, config: ExperimentConfig, dataset: str, device:
     if not parts["label"]:
         return extra      # every held-out sample was skipped
     cat = {k: torch.cat(v) for k, v in parts.items() if v}
-    embeddings = {k[4:]: v for k, v in cat.items() if k.startswith("emb/")}
-    present = {k[8:]: v for k, v in cat.items() if k.startswith("present/")}
+    embeddings = {k[4:]: v for k, v in cat.items() if isinstance(k, str) and k.startswith("emb/")}
+    present = {k[8:]: v for k, v in cat.items() if isinstance(k, str) and k.startswith("present/")}
     try:
         metrics = evaluate_embeddings(embeddings, present, cat.get("logits"), cat["label"], cat["has_label"],
-                                      num_classes=model.head[-1].out_features if model.classify else 0)
+                                      num_classes=model.head[-1].out_features if model.classify else 0,
+                                      subset_logits={s: cat[s] for s in subsets if s in cat})
     except ValueError as e:      # NaN/inf embeddings: the weights diverged after the last finite loss
         raise TrainingError(f"evaluation: {e}. Lower optim.lr, raise optim.warmup_steps or set optim.clip_grad"
                             ) from None
     return {**metrics, **extra}
+
+
+def modality_subsets(modalities: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Every non-empty subset of the model's modalities when it has two or more (for the fusion gain)."""
+    if len(modalities) < 2:
+        return ()
+    from itertools import combinations
+    return tuple(s for size in range(1, len(modalities) + 1) for s in combinations(modalities, size))
 
 
 def maybe_checkpoint(state: TrainState, config: ExperimentConfig, d: Dist, facts: dict,

@@ -121,7 +121,7 @@ def test_format_metrics_shows_chance_and_n():
                                   torch.ones(n, dtype=torch.bool), 3)
     table = format_metrics(metrics)
     lines = table.splitlines()
-    assert len(lines) == len(PAIRS) * 3 + 1  # R@1/5/10 per pair + accuracy
+    assert len(lines) == len(PAIRS) * 7 + 1  # R@1/5/10, class@1/5/10, median rank per pair + accuracy
     assert all("chance" in line and f"n={n}" in line for line in lines)
     assert any(line.startswith("text->image R@1 ") and "(chance 0.050, n=20)" in line for line in lines)
     assert "uniform 0.333" in lines[-1]
@@ -166,3 +166,36 @@ def test_plot_curves_train_only_and_empty(tmp_path):
     assert_png_not_blank(plot_curves(jsonl, tmp_path / "train.png"))
     jsonl.write_text("")
     assert plot_curves(jsonl, tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_class_retrieval_counts_a_same_class_top_item_and_its_chance_is_exact():
+    # 4 classes of 3 identical images; each caption lies next to its class's images
+    n = 12
+    labels = torch.arange(n) // 3
+    centres = unit(4, 8, seed=1)
+    image = centres[labels]
+    text = torch.nn.functional.normalize(centres[labels] + 0.01 * unit(n, 8, seed=2), dim=-1)
+    everything = {m: torch.ones(n, dtype=torch.bool) for m in ("text", "image")}
+    metrics = evaluate_embeddings({"text": text, "image": image}, everything, None, labels,
+                                  torch.ones(n, dtype=torch.bool), 4)
+    assert metrics["text->image/class@1"] == 1.0
+    assert metrics["text->image/class@1/chance"] == pytest.approx(3 / 12)
+    # k=5 of 12 with 3 of the class: 1 - C(9,5)/C(12,5)
+    assert metrics["text->image/class@5/chance"] == pytest.approx(1 - 126 / 792)
+    # three identical gallery items per class: ties count against the query, so its match ranks third
+    assert metrics["text->image/median_rank"] == 3.0 and metrics["text->image/median_rank/chance"] == 6.5
+
+
+def test_subset_accuracy_is_taken_on_samples_with_every_modality_and_gives_the_fusion_gain():
+    n = 10
+    labels = torch.arange(n) % 2
+    right = torch.nn.functional.one_hot(labels, 2).float()
+    wrong = right.flip(1)
+    present = {m: torch.ones(n, dtype=torch.bool) for m in ("text", "image")}
+    present["image"][0] = False    # sample 0 lacks an image: left out of every subset's accuracy
+    subsets = {("text",): wrong, ("image",): torch.cat([wrong[:5], right[5:]]), ("text", "image"): right}
+    metrics = evaluate_embeddings({}, present, right, labels, torch.ones(n, dtype=torch.bool), 2,
+                                  subset_logits=subsets)
+    assert metrics["accuracy[text]"] == 0.0 and metrics["accuracy[text+image]"] == 1.0
+    assert metrics["accuracy[image]"] == pytest.approx(5 / 9) and metrics["accuracy[image]/n"] == 9
+    assert metrics["fusion_gain"] == pytest.approx(1 - 5 / 9)

@@ -87,3 +87,17 @@ def test_loader_keys_the_trainer_owns_are_refused_not_replaced(overrides, key):
 def test_loader_keys_equal_to_the_trainers_are_accepted():
     config = experiment_config("d", "r", "train.seed=7", "data.loader.seed=7", "data.loader.eval_fraction=0.2")
     assert config.data.loader.seed == config.train.seed == 7
+
+
+def test_modality_dropout_hides_modalities_but_never_all_of_a_sample():
+    from mmtrain.trainer import drop_modalities
+    torch.manual_seed(0)
+    n = 2000
+    batch = {"has_text": torch.ones(n, dtype=torch.bool), "has_image": torch.ones(n, dtype=torch.bool),
+             "has_audio": torch.arange(n) % 2 == 0}
+    before = {k: v.clone() for k, v in batch.items()}
+    drop_modalities(batch, 0.5)
+    kept = torch.stack(list(batch.values()), 1)
+    assert bool((kept.sum(1) >= 1).all())                                   # every sample keeps one
+    assert not bool((kept & ~torch.stack(list(before.values()), 1)).any())  # nothing absent appears
+    assert 0.3 < 1 - batch["has_text"].float().mean().item() < 0.6           # about half hidden
