@@ -88,11 +88,23 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # zero-shot classification: each class embedded through these prompts ({} = the label's name from
+    # dataset.json), images and audio classified by the nearest; empty: no zero-shot
+    prompts: list[str] = field(default_factory=lambda: ["{}", "a {}", "a picture of a {}", "the sound of a {}"])
+
+    def validate(self) -> None:
+        require(all(isinstance(p, str) and "{}" in p for p in self.prompts), "prompts",
+                f"each must be a string holding {{}} for the class name; got {self.prompts}")
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         """The loader keys the trainer sets itself are refused when set otherwise, never silently replaced."""

@@ -273,10 +273,22 @@ def evaluate(model: FusionModel, config: ExperimentConfig, dataset: str, device:
         metrics = evaluate_embeddings(embeddings, present, cat.get("logits"), cat["label"], cat["has_label"],
                                       num_classes=model.head[-1].out_features if model.classify else 0,
                                       subset_logits={s: cat[s] for s in subsets if s in cat})
+        names = label_names(dataset)
+        if names and config.eval.prompts and "text" in model.encoders and len(embeddings) > 1:
+            from mmtrain.zeroshot import class_embeddings, zero_shot_metrics
+            classes = class_embeddings(model, dataset, names, config.eval.prompts, device).cpu()
+            metrics.update(zero_shot_metrics(embeddings, present, cat["label"], cat["has_label"], classes))
     except ValueError as e:      # NaN/inf embeddings: the weights diverged after the last finite loss
         raise TrainingError(f"evaluation: {e}. Lower optim.lr, raise optim.warmup_steps or set optim.clip_grad"
                             ) from None
     return {**metrics, **extra}
+
+
+def label_names(dataset: str) -> list[str]:
+    """The dataset's class names in class order, or [] when its labels are bare numbers."""
+    from mmdata import load_description
+    labels = load_description(dataset).labels or {}
+    return [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
 
 
 def modality_subsets(modalities: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:

@@ -97,6 +97,7 @@ def test_the_demo_learns_far_above_chance(tmp_path):
     assert len(subsets) == 7 and metrics["accuracy[text]"] > 2 * metrics["accuracy[text]/chance"], metrics
     assert all(f"{a}->{b}/class@1/chance" in metrics for a, b in [("text", "image"), ("audio", "text")])
     assert "fusion_gain" in metrics and "fusion_gain" in run.stdout
+    assert {"zero_shot[image]", "zero_shot[audio]"} <= set(metrics) and "zero_shot[image]" in run.stdout
     assert (tmp_path / "run" / "curves.png").exists() and list((tmp_path / "run" / "tensorboard").iterdir())
     assert (tmp_path / "run" / "modalities.png").stat().st_size > 1000
     again = subprocess.run([sys.executable, "-m", "mmtrain.cli", "train", str(tmp_path / "exp.yaml"),

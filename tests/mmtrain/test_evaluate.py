@@ -199,3 +199,35 @@ def test_subset_accuracy_is_taken_on_samples_with_every_modality_and_gives_the_f
     assert metrics["accuracy[text]"] == 0.0 and metrics["accuracy[text+image]"] == 1.0
     assert metrics["accuracy[image]"] == pytest.approx(5 / 9) and metrics["accuracy[image]/n"] == 9
     assert metrics["fusion_gain"] == pytest.approx(1 - 5 / 9)
+
+
+def test_zero_shot_classifies_by_the_nearest_class_prompt_beside_chance():
+    from mmtrain.zeroshot import zero_shot_metrics
+    classes = unit(3, 8, seed=5)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    image = classes[torch.tensor([0, 1, 2, 0, 2, 1])]      # 4 of 6 nearest their own class
+    present = {"image": torch.ones(6, dtype=torch.bool), "audio": torch.tensor([1, 1, 0, 0, 0, 0]).bool()}
+    audio = classes[torch.tensor([0, 1, 0, 0, 0, 0])]
+    metrics = zero_shot_metrics({"image": image, "audio": audio}, present, labels, torch.ones(6, dtype=torch.bool),
+                                classes)
+    assert metrics["zero_shot[image]"] == pytest.approx(4 / 6) and metrics["zero_shot[image]/chance"] == 2 / 6
+    assert metrics["zero_shot[audio]"] == 1.0 and metrics["zero_shot[audio]/n"] == 2
+
+
+def test_class_prompts_go_through_the_text_tower_as_captions_do(demo_dataset):
+    from mmdata import load_description
+    from mmtrain.model import FusionModel, ModelConfig
+    from mmtrain.trainer import label_names
+    from mmtrain.zeroshot import class_embeddings
+    d = load_description(demo_dataset)
+    names = label_names(demo_dataset)
+    assert names and [d.labels[n] for n in names] == list(range(len(names)))
+    model = FusionModel(ModelConfig(dim=32, heads=2, embed_dim=16, patch_size=8, text_layers=1, image_layers=1,
+                                    audio_layers=1, fusion_layers=1), vocab_size=d.tokenizer.vocab_size,
+                        image_size=d.image_size, n_mels=d.n_mels, num_classes=len(names), classify=True,
+                        modalities=("text", "image", "audio")).eval()
+    with torch.no_grad():
+        classes = class_embeddings(model, demo_dataset, names, ["{}", "a photo of a {}"], torch.device("cpu"))
+    assert classes.shape == (len(names), 16)
+    assert torch.allclose(classes.norm(dim=1), torch.ones(len(names)), atol=1e-5)
+    assert not torch.allclose(classes[0], classes[1])   # different names, different embeddings
