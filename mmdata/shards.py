@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,15 +48,6 @@ INDEX_SCHEMA = pa.schema([
 
 BLOCK = 512
 RECORD = 20 * BLOCK   # tar files end padded to a whole record, as tar and tarfile write them
-
-
-def tar_info(name: str, size: int) -> tarfile.TarInfo:
-    """The header :func:`ustar_header` writes, as a TarInfo (tests compare the two)."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
 
 
 # a USTAR header after the checksum field: type "0" (regular file), no link name, "ustar\0" "00", empty

@@ -119,10 +119,6 @@ def partition_keys(job: Job, k: int, records: list[Record], duplicates: set[int]
     return PartitionKeys(digest.hexdigest()[:32], member_keys(job, inputs))
 
 
-def partition_fingerprint(job: Job, k: int, records: list[Record], duplicates: set[int] = frozenset()) -> str:
-    return partition_keys(job, k, records, duplicates).fingerprint
-
-
 def input_identities(record: Record, job: Job) -> dict:
     """The identities of a row's image and audio files: what "the same file" means for reuse."""
     return {m: file_identity(getattr(record, m), job) for m in ("image", "audio")}
@@ -390,20 +386,15 @@ def map_label(value: Any, labels: dict[str, int] | None) -> int | None:
     return key   # without names every valid label is a number (the scan saw them all)
 
 
-def sample_json(record: Record, label: int | None, info: dict) -> bytes:
-    """The sample's json member: its row, label, metadata and each modality's info."""
-    doc = {"id": record.id, "row": record.row, "label": label, "meta": record.meta, **info}
-    return json.dumps(doc, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8")
-
-
 _encode_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str).encode
 _JSON_KEYS = {key: _encode_json(key) + ": " for key in ("audio", "id", "image", "label", "meta", "row", "text")}
 
 
 def cached_sample_json(record: Record, label: int | None, info_json: dict[str, str]) -> bytes:
-    """:func:`sample_json`, the same bytes, from each modality's info serialised when it was cached (JSON
-    serialisation is compositional: a value's text inside a document is its text alone, with the same
-    options); a third of an assembly's time otherwise."""
+    """The sample's json member: ``json.dumps({"id", "row", "label", "meta", <modality>: info, ...},
+    ensure_ascii=False, sort_keys=True, default=str)``, the same bytes, built from each modality's info
+    serialised when it was cached (JSON serialisation is compositional: a value's text inside a document
+    is its text alone, with the same options); dumping the whole document was a third of an assembly."""
     parts = {"id": _encode_json(record.id), "row": _encode_json(record.row), "label": _encode_json(label),
              "meta": _encode_json(record.meta), **info_json}
     return ("{" + ", ".join(_JSON_KEYS[key] + parts[key] for key in sorted(parts)) + "}").encode("utf-8")
