@@ -180,11 +180,25 @@ def load_entry(folder: Path, group: str, key: str, rows: int, check: bool = True
 
 
 def entry_intact(entry: Entry) -> bool:
+    """Every outcome well formed (members with their info, or an error) and every member's bytes at their
+    CRC-32: an entry.json damaged or written by other code is computed again, never a traceback."""
     view = entry.view
     try:
-        return all(zlib.crc32(view[offset:offset + size]) == crc for outcome in entry.outcomes
-                   if outcome and "members" in outcome for _, offset, size, crc in outcome["members"])
-    except (TypeError, ValueError):   # a malformed outcome
+        for outcome in entry.outcomes:
+            if outcome is None:
+                continue
+            if "error" in outcome:
+                reason, message = outcome["error"]
+                if not (isinstance(reason, str) and isinstance(message, str)):
+                    return False
+                continue
+            if not (isinstance(outcome["info"], dict) and isinstance(outcome["info_json"], str)):
+                return False
+            for _, offset, size, crc in outcome["members"]:
+                if zlib.crc32(view[offset:offset + size]) != crc:
+                    return False
+        return True
+    except (TypeError, ValueError, KeyError):   # a malformed outcome
         return False
 
 
@@ -345,7 +359,7 @@ def cached_waveform(entry: Entry, i: int):
 
 
 def info_json(info: dict) -> str:
-    """A modality's info as the sample's json holds it (partition.sample_json builds the json from these)."""
+    """A modality's info as the sample's json holds it (partition.cached_sample_json builds the json from these)."""
     return json.dumps(info, ensure_ascii=False, sort_keys=True, default=str)
 
 

@@ -190,8 +190,12 @@ def test_a_damaged_member_entry_is_computed_again(demo_dir, tmp_path):
         byte = f.read(1)
         f.seek(5000)
         f.write(bytes([byte[0] ^ 1]))
+    text = sorted((root / STORE / MEMBERS_DIR).glob("text-*"))
+    doc = json.loads((text[0] / "entry.json").read_text())
+    doc["outcomes"][0] = {"members": "not a list"}     # malformed by hand or by other code
+    (text[0] / "entry.json").write_text(json.dumps(doc))
     changed = preprocess(preprocess_config(manifest, root, "image.size=40"), **QUIET)
-    assert built(changed) == {"text": (0, 4), "image": (4, 0), "audio": (3, 1), "waveform": (0, 4)}
+    assert built(changed) == {"text": (1, 3), "image": (4, 0), "audio": (3, 1), "waveform": (0, 4)}
     fresh = preprocess(preprocess_config(manifest, tmp_path / "fresh", "image.size=40"), **QUIET)
     assert comparable(changed.dataset) == comparable(fresh.dataset)
 
