@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on the held-out split")
     p.add_argument("run_dir")
     p.set_defaults(run=run_eval)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra      # key=value after --nproc N
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from mmdata.config import ConfigError
     from mmdata.dataset import DatasetError
     from mmtrain.failures import DataError, TrainingError

@@ -69,7 +69,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     precision: str = "auto"         # auto (bf16 autocast on CUDA) | fp32 | bf16
     compile: bool = False           # torch.compile the model
-    fsdp: bool = False              # FSDP2 fully_shard instead of DDP (CUDA only)
+    fsdp: bool = False              # FSDP2 fully_shard instead of DDP
     progress: bool = True
 
     def validate(self) -> None:

@@ -1,7 +1,7 @@
 """The fusion model: one encoder per modality -> (tokens, mask, pooled) -> heads.
 
     text  ids  [B, L]        -> embedding + Transformer           -> tokens [B, L, D]
-    image      [B, 3, H, W]  -> ViT patches (or a torchvision CNN) -> tokens [B, N, D]
+    image      [B, 3, H, W]  -> conv stem + ViT (or a torchvision CNN) -> tokens [B, N, D]
     audio mel  [B, M, T]     -> 2 strided convs + Transformer      -> tokens [B, T/4, D]
     pooled (masked mean) -> projection -> L2-normalised embedding  (contrastive loss)
     [CLS] + all tokens + modality embeddings -> fusion Transformer -> class logits
@@ -36,7 +36,9 @@ class ModelConfig:
     text_layers: int = 2
     image_encoder: str = "vit"      # vit | cnn
     image_layers: int = 2           # vit only
-    patch_size: int = 8             # vit only
+    patch_size: int = 8             # vit only: the image side of one token
+    image_stem: str = "conv"        # vit only: conv (stride-2 3x3 convolutions) | patch (one patchify conv)
+    image_pool: str = "max"         # vit only: the image's vector is the max (or mean) of its tokens
     cnn_arch: str = "resnet18"      # cnn only: a torchvision model name
     image_weights: str | None = None  # local file with a state dict for the image encoder
     audio_layers: int = 2
@@ -62,6 +64,12 @@ class ModelConfig:
                     f"model; use e.g. resnet18, resnet50, efficientnet_b0, mobilenet_v3_small or convnext_tiny "
                     f"(torchvision.models.list_models(module=torchvision.models) lists all {len(archs)})")
         require(self.patch_size > 0, "patch_size", "must be positive")
+        require_choice(self.image_stem, "image_stem", ("conv", "patch"))
+        require_choice(self.image_pool, "image_pool", ("max", "mean"))
+        if self.image_encoder == "vit" and self.image_stem == "conv":
+            require(self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0, "patch_size",
+                    f"must be a power of two (2, 4, 8, 16, ...) with image_stem=conv, which halves the image "
+                    f"once per stride-2 convolution; got {self.patch_size} (or set model.image_stem=patch)")
         require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         require(self.temperature > 0, "temperature", "must be positive")
         for name in ("text_layers", "image_layers", "audio_layers", "fusion_layers"):
@@ -111,20 +119,40 @@ class TextEncoder(nn.Module):
         return x, mask, masked_mean(x, mask)
 
 
+def conv_stem(dim: int, patch_size: int) -> nn.Sequential:
+    """log2(patch_size) stride-2 3x3 convolutions, widths doubling up to dim, then a 1x1 to dim: one token
+    per patch_size x patch_size pixels, as a patchify conv gives, but built from local edges first. Xiao et
+    al., "Early Convolutions Help Transformers See Better" (2021): a ViT with this stem trains faster and
+    more stably, and on small data learns shapes a patchify stem does not. GroupNorm rather than BatchNorm:
+    nothing depends on the batch (its size per rank, padded or absent images)."""
+    steps = int(math.log2(patch_size))
+    widths = [max(8, dim // 2 ** (steps - k)) for k in range(1, steps + 1)]
+    layers, channels = [], 3
+    for width in widths:
+        layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False),
+                   nn.GroupNorm(math.gcd(8, width), width), nn.GELU()]
+        channels = width
+    return nn.Sequential(*layers, nn.Conv2d(channels, dim, 1))
+
+
 class ViTEncoder(nn.Module):
     def __init__(self, config: ModelConfig, image_size: int):
         super().__init__()
-        self.patch = nn.Conv2d(3, config.dim, config.patch_size, config.patch_size)
+        self.patch = conv_stem(config.dim, config.patch_size) if config.image_stem == "conv" \
+            else nn.Conv2d(3, config.dim, config.patch_size, config.patch_size)
         n = (image_size // config.patch_size) ** 2
         self.pos = small_init(n, config.dim)
         self.encoder = transformer(config, config.image_layers)
         self.norm = nn.LayerNorm(config.dim)
+        # max: an object that fills a few patches is not averaged away by the background (on real digits at
+        # 64 px, image-only accuracy after 600 steps 0.92 against 0.77 with the mean; benchmarks/bench_image.py)
+        self.max_pool = config.image_pool == "max"
 
     def forward(self, image: torch.Tensor):
         x = self.patch(image).flatten(2).transpose(1, 2)
         x = self.norm(self.encoder(x + self.pos[: x.shape[1]]))
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return x, mask, x.mean(1)
+        return x, mask, x.amax(1) if self.max_pool else x.mean(1)
 
 
 class CNNEncoder(nn.Module):

@@ -31,9 +31,9 @@ if TYPE_CHECKING:       # trainer imports this module: the state's type only for
 # under the ones it was trained with. (dropout, the initial temperature, image_weights and the rest of
 # the config may change between runs.)
 RESUME_SETTINGS = ("model.dim", "model.heads", "model.mlp_ratio", "model.text_layers", "model.image_encoder",
-                   "model.image_layers", "model.patch_size", "model.cnn_arch", "model.audio_layers",
-                   "model.fusion_layers", "model.embed_dim", "model.max_positions", "data.loader.modalities",
-                   "train.loss", "train.seed")
+                   "model.image_layers", "model.patch_size", "model.image_stem", "model.image_pool", "model.cnn_arch",
+                   "model.audio_layers", "model.fusion_layers", "model.embed_dim", "model.max_positions",
+                   "data.loader.modalities", "train.loss", "train.seed")
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -139,8 +139,13 @@ def check_same_settings(found: Path, saved: dict | None, current: dict) -> None:
         vit = get(current, "model.image_encoder") == "vit"
         return {"model.text_layers": "text" in modalities, "model.audio_layers": "audio" in modalities,
                 "model.image_encoder": image, "model.image_layers": image and vit,
-                "model.patch_size": image and vit, "model.cnn_arch": image and not vit,
+                "model.patch_size": image and vit, "model.image_stem": image and vit,
+                "model.image_pool": image and vit,
+                "model.cnn_arch": image and not vit,
                 "model.fusion_layers": get(current, "train.loss") != "contrastive"}.get(key, True)
+    if isinstance(saved.get("model"), dict) and "image_stem" not in saved["model"]:
+        # written before the conv stem and max pooling existed: a patchify ViT with mean pooling
+        saved = {**saved, "model": {**saved["model"], "image_stem": "patch", "image_pool": "mean"}}
     differ = [(key, get(saved, key), get(current, key)) for key in RESUME_SETTINGS
               if get(saved, key) is not None and used(key)
               and comparable(key, get(saved, key)) != comparable(key, get(current, key))]

@@ -119,9 +119,7 @@ def build_model(config: ExperimentConfig, facts: dict) -> FusionModel:
 def wrap(model: FusionModel, config: ExperimentConfig, d: Dist) -> torch.nn.Module:
     model.to(d.device)
     wrapped: torch.nn.Module = model
-    if config.train.fsdp:
-        if d.device.type != "cuda":
-            raise ConfigError("train.fsdp", "FSDP2 needs CUDA; use DDP (the default) on CPU")
+    if config.train.fsdp:       # NCCL on CUDA, gloo on CPU (where it is for checking, not for speed)
         from torch.distributed.fsdp import fully_shard
         wrapped = fully_shard(model)
     elif d.distributed:
@@ -388,9 +386,25 @@ def train_loop(state: TrainState, config: ExperimentConfig, d: Dist) -> dict[str
     return metrics
 
 
+def eval_model(state: TrainState, config: ExperimentConfig, d: Dist) -> FusionModel | None:
+    """The model rank 0 evaluates. Under FSDP2 each rank holds a shard of every parameter, and a forward pass
+    on rank 0 alone would wait forever for the others' all-gathers: the full weights are gathered (every rank
+    takes part) into an unsharded copy on rank 0."""
+    if not state.sharded:
+        return state.raw_model if d.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(state.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.is_main:
+        return None
+    model = build_model(config, state.facts)
+    model.load_state_dict(full)
+    return model.to(d.device)
+
+
 def run_eval(state: TrainState, config: ExperimentConfig, d: Dist, dataset: str, logger: Logger) -> dict:
     """Evaluate on rank 0 and log it at the current step; the other ranks wait for it at the barrier."""
-    metrics = evaluate(state.raw_model, config, dataset, d.device, state.skip_reasons) if d.is_main else {}
+    model = eval_model(state, config, d)
+    metrics = evaluate(model, config, dataset, d.device, state.skip_reasons) if d.is_main else {}
     logger.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
     barrier(d)
     return metrics

@@ -119,3 +119,30 @@ def test_contrastive_gather_survives_uneven_batches_and_missing_modalities(tmp_p
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
     assert all(l == l and l > 0 for l in losses)
+
+
+def test_fsdp2_with_two_ranks_trains_evaluates_checkpoints_and_resumes(demo_dataset, tmp_path):
+    """FSDP2 shards every parameter across the ranks (gloo on CPU here, NCCL on CUDA): periodic evaluation
+    on rank 0 must not wait for the others' all-gathers, checkpoints hold the full weights, and a restart
+    resumes from them."""
+    run_dir = tmp_path / "run"
+    args = ("train.fsdp=true", "train.eval_every=3", "train.checkpoint_every=3", "data.loader.num_workers=1")
+    config = write_config(tmp_path, experiment_config(demo_dataset, run_dir, "train.steps=6", *args), "fsdp.yaml")
+    command = [sys.executable, "-m", "mmtrain.cli", "train", str(config), "--nproc", "2"]
+    first = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000003", "step-00000006"]
+    evals = [m for m in metrics_lines(run_dir) if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [3, 6]
+    final = json.loads((run_dir / "eval.json").read_text())
+    # the checkpoint holds the full, unsharded weights: one process without FSDP evaluates them the same
+    alone = subprocess.run([sys.executable, "-m", "mmtrain.cli", "eval", str(run_dir)], env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert again["accuracy"] == pytest.approx(final["accuracy"])
+    assert again["text->image/R@10"] == pytest.approx(final["text->image/R@10"])
+    resumed = subprocess.run([*command, "train.steps=8"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [m["step"] for m in metrics_lines(run_dir) if "loss" in m]
+    assert steps == list(range(1, 9))     # 1-6, then 7-8 from the step-6 checkpoint
