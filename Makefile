@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_N ?= 2000
 
-.PHONY: install test preprocess train bench-preprocess bench-loader bench-train lint clean
+.PHONY: install test preprocess train bench-preprocess bench-loader bench-train bench-image lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ train: $(STAMP) data/demo/manifest.jsonl
 
 bench-train: $(STAMP) data/demo/manifest.jsonl
 	$(PY) benchmarks/bench_train.py $(ARGS)
+
+# real photographed digits (scikit-learn ships them): which image encoder learns them, at what CPU time
+bench-image: $(STAMP)
+	$(PY) -c "import sklearn" 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/bench_image.py $(ARGS)
 
 bench-preprocess: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py $(ARGS)

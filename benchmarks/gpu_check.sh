@@ -17,3 +17,9 @@ python3 benchmarks/bench_train.py --workers 4 --steps 100 train.progress=false "
 python3 -m mmtrain.cli train pipelines/train.yaml train.run_dir="$OUT/run" train.progress=false "$SERIAL" \
   data.loader.num_workers=4 2>&1 | grep -vi "warn" | tail -24
 cp "$OUT/run/curves.png" "$OUT/run/eval.json" "$OUT/" 2>/dev/null || true
+# FSDP2 with two ranks (NCCL needs one GPU per rank; on CPU the suite runs it with gloo)
+if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  python3 -m mmtrain.cli train pipelines/train.yaml --nproc 2 train.fsdp=true train.run_dir="$OUT/fsdp2" \
+    train.progress=false train.steps=60 train.eval_every=30 train.checkpoint_every=30 "$SERIAL" 2>&1 \
+    | grep -vi "warn" | tail -6 | sed 's/^/fsdp2 x2 /'
+fi

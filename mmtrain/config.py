@@ -58,6 +58,9 @@ class TrainConfig:
     steps: int = 300                # optimiser steps
     loss: str = "both"              # contrastive | classify | both
     classify_weight: float = 1.0
+    # with a classification loss: weight of a linear classifier on each modality's own pooled vector, so that
+    # each encoder learns the classes even where another modality (captions that name them) is easier
+    unimodal_weight: float = 0.0
     # per sample and modality, the chance that training hides it (one is always kept): the fusion head then
     # sees single modalities and pairs, as evaluation shows it each subset and real data lacks some
     modality_dropout: float = 0.0
@@ -76,6 +79,8 @@ class TrainConfig:
         require(self.steps > 0, "steps", f"must be positive; got {self.steps}")
         require(0 <= self.classify_weight < float("inf"), "classify_weight",
                 f"must be >= 0 and finite; got {self.classify_weight}")
+        require(0 <= self.unimodal_weight < float("inf"), "unimodal_weight",
+                f"must be >= 0 and finite; got {self.unimodal_weight}")
         require_choice(self.loss, "loss", ("contrastive", "classify", "both"))
         require(0 <= self.modality_dropout < 1, "modality_dropout",
                 f"must be in [0, 1); got {self.modality_dropout}")

@@ -104,7 +104,9 @@ def class_metrics(a: str, b: str, embeddings: dict[str, torch.Tensor], present: 
         same = nearest == target[start:start + CHUNK, None]
         for k in ks:
             hits[k] += int(same[:, :min(k, n)].any(dim=1).sum())
-    class_size = torch.bincount(target)[target].double()              # n_c for each query, itself included
+    # n_c for each query, itself included (unique, not bincount: a label of 2e9 must not allocate 2e9 counts)
+    _, inverse, counts = torch.unique(target, return_inverse=True, return_counts=True)
+    class_size = counts[inverse].double()
     out: dict[str, float] = {}
     for k in ks:
         kk = min(k, n)
@@ -130,7 +132,7 @@ def subset_metrics(subset_logits: dict[tuple[str, ...], torch.Tensor], present: 
     if n == 0:
         return {}
     target = labels[complete].long()
-    chance = torch.bincount(target, minlength=num_classes).max().item() / n
+    chance = torch.unique(target, return_counts=True)[1].max().item() / n
     out: dict[str, float] = {}
     for subset, logits in sorted(subset_logits.items(), key=lambda item: (len(item[0]), item[0])):
         key = f"accuracy[{'+'.join(subset)}]"

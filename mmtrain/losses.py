@@ -75,8 +75,10 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, has_label: t
     return logits.sum() * 0.0   # keeps the graph (and DDP) whole when no sample is labelled
 
 
-def total_loss(outputs: dict, batch: dict, loss: str, classify_weight: float) -> dict[str, torch.Tensor]:
-    """{"loss": total, "loss/<part>": ...} for the configured loss: contrastive | classify | both."""
+def total_loss(outputs: dict, batch: dict, loss: str, classify_weight: float,
+               unimodal_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """{"loss": total, "loss/<part>": ...} for the configured loss: contrastive | classify | both; with
+    ``unimodal_weight``, also each modality's own classifier, averaged over the modalities."""
     parts = {}
     if loss in ("contrastive", "both"):
         pairs = contrastive_loss(outputs["embeddings"], outputs["present"], outputs["logit_scale"])
@@ -87,6 +89,10 @@ def total_loss(outputs: dict, batch: dict, loss: str, classify_weight: float) ->
     if loss in ("classify", "both"):
         real = batch["has_label"] & real_samples(batch)
         parts["classify"] = classify_weight * classification_loss(outputs["logits"], batch["label"], real)
+        if unimodal_weight and "unimodal_logits" in outputs:
+            each = [classification_loss(logits, batch["label"], real & outputs["present"][m])
+                    for m, logits in outputs["unimodal_logits"].items()]
+            parts["unimodal"] = unimodal_weight * torch.stack(each).mean()
     out = {f"loss/{k}": v for k, v in parts.items()}
     out["loss"] = sum(parts.values())
     return out

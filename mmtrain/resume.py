@@ -32,8 +32,8 @@ if TYPE_CHECKING:       # trainer imports this module: the state's type only for
 # the config may change between runs.)
 RESUME_SETTINGS = ("model.dim", "model.heads", "model.mlp_ratio", "model.text_layers", "model.image_encoder",
                    "model.image_layers", "model.patch_size", "model.image_stem", "model.image_pool", "model.cnn_arch",
-                   "model.audio_layers", "model.fusion_layers", "model.embed_dim", "model.max_positions",
-                   "data.loader.modalities", "train.loss", "train.seed")
+                   "model.audio_layers", "model.audio_convs", "model.fusion_layers", "model.embed_dim", "model.max_positions",
+                   "data.loader.modalities", "train.loss", "train.unimodal_weight", "train.seed")
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -129,6 +129,8 @@ def check_same_settings(found: Path, saved: dict | None, current: dict) -> None:
     def comparable(key: str, value):
         if key == "train.loss":          # both and classify build the same model; contrastive has no head
             return value == "contrastive"
+        if key == "train.unimodal_weight":   # only whether the per-modality classifiers exist matters
+            return bool(value)
         if key == "data.loader.modalities" and isinstance(value, list):
             return sorted(value)         # the model orders them itself
         return value
@@ -138,14 +140,18 @@ def check_same_settings(found: Path, saved: dict | None, current: dict) -> None:
         image = "image" in modalities
         vit = get(current, "model.image_encoder") == "vit"
         return {"model.text_layers": "text" in modalities, "model.audio_layers": "audio" in modalities,
+                "model.audio_convs": "audio" in modalities,
                 "model.image_encoder": image, "model.image_layers": image and vit,
                 "model.patch_size": image and vit, "model.image_stem": image and vit,
                 "model.image_pool": image and vit,
                 "model.cnn_arch": image and not vit,
-                "model.fusion_layers": get(current, "train.loss") != "contrastive"}.get(key, True)
+                "model.fusion_layers": get(current, "train.loss") != "contrastive",
+                "train.unimodal_weight": get(current, "train.loss") != "contrastive"}.get(key, True)
     if isinstance(saved.get("model"), dict) and "image_stem" not in saved["model"]:
-        # written before the conv stem and max pooling existed: a patchify ViT with mean pooling
-        saved = {**saved, "model": {**saved["model"], "image_stem": "patch", "image_pool": "mean"}}
+        # written before the conv stems and max pooling existed: a patchify ViT with mean pooling, no audio convs
+        saved = {**saved, "model": {**saved["model"], "image_stem": "patch", "image_pool": "mean", "audio_convs": 0}}
+    if isinstance(saved.get("train"), dict) and "unimodal_weight" not in saved["train"]:
+        saved = {**saved, "train": {**saved["train"], "unimodal_weight": 0.0}}   # written before it existed
     differ = [(key, get(saved, key), get(current, key)) for key in RESUME_SETTINGS
               if get(saved, key) is not None and used(key)
               and comparable(key, get(saved, key)) != comparable(key, get(current, key))]

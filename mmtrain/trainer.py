@@ -108,7 +108,8 @@ def build_model(config: ExperimentConfig, facts: dict) -> FusionModel:
     try:
         return FusionModel(config.model, modalities=modalities, vocab_size=facts["vocab_size"],
                            image_size=facts["image_size"], n_mels=facts["n_mels"],
-                           num_classes=max(2, facts["num_classes"]), classify=classify)
+                           num_classes=max(2, facts["num_classes"]), classify=classify,
+                           unimodal=classify and config.train.unimodal_weight > 0)
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
@@ -154,10 +155,12 @@ def drop_modalities(batch: dict, p: float) -> None:
         return
     present = torch.stack([batch[k] for k in flags], dim=1)
     keep = present & (torch.rand(present.shape, device=present.device) >= p)
-    emptied = keep.sum(dim=1) == 0   # all hidden: keep the sample's first present modality instead
-    first = torch.zeros_like(present)
-    first[torch.arange(len(present)), present.float().argmax(dim=1)] = True
-    keep = torch.where(emptied[:, None], present & first, keep)
+    emptied = keep.sum(dim=1) == 0   # all hidden: keep one of the sample's modalities, drawn at random (always
+    # the first would show text alone far more often than image or audio alone)
+    drawn = (torch.rand(present.shape, device=present.device) * present).argmax(dim=1)
+    one = torch.zeros_like(present)
+    one[torch.arange(len(present)), drawn] = True
+    keep = torch.where(emptied[:, None], present & one, keep)
     for i, k in enumerate(flags):
         batch[k] = keep[:, i]
 
@@ -208,7 +211,8 @@ def train_step(state: TrainState, stream, config: ExperimentConfig, d: Dist) -> 
         ddp = ddp_module(state.model)
         context = ddp.no_sync() if ddp is not None and micro < accum - 1 else torch.enable_grad()
         with context, autocast(config, d):
-            losses = total_loss(state.model(batch), batch, config.train.loss, config.train.classify_weight)
+            losses = total_loss(state.model(batch), batch, config.train.loss, config.train.classify_weight,
+                                config.train.unimodal_weight)
         if not torch.isfinite(losses["loss"]):
             raise TrainingError(nan_message(losses["loss"].item(), state.step + 1, config))
         (losses["loss"] / accum).backward()

@@ -28,8 +28,8 @@ GOLDEN_SHARDS_VARIANT = "c1795624180fa6dc875eab9e79d4ca95d73d3edbfdc934838d7b5e8
 # one shuffled, augmented epoch of the loader over the first dataset
 GOLDEN_LOADER = "5612d7e53f3dbf0de98f05b7717cdd858c8925357dccd7fdc83c91e662ceb879"
 # the first losses of a short training run on it (compared with a tolerance: float reductions may differ)
-GOLDEN_LOSSES = [5.190855979919434, 5.290473461151123, 4.501314640045166, 6.093435287475586,
-                 4.667746067047119, 4.122997760772705]
+GOLDEN_LOSSES = [4.36952543258667, 5.117351531982422, 3.9609618186950684, 4.207366466522217,
+                 3.80531644821167, 3.594520330429077]
 
 VARIANT = ("image.format=webp", "audio.keep_waveform=true", "output.max_shard_bytes=60000",
            "output.samples_per_shard=7")

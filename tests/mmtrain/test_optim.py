@@ -101,3 +101,6 @@ def test_modality_dropout_hides_modalities_but_never_all_of_a_sample():
     assert bool((kept.sum(1) >= 1).all())                                   # every sample keeps one
     assert not bool((kept & ~torch.stack(list(before.values()), 1)).any())  # nothing absent appears
     assert 0.3 < 1 - batch["has_text"].float().mean().item() < 0.6           # about half hidden
+    # a sample left with one modality is left with any of them alike, not always the first
+    alone = {k: (v & (kept.sum(1) == 1)[:]).sum().item() for k, v in batch.items() if k != "has_audio"}
+    assert abs(alone["has_text"] - alone["has_image"]) < 0.2 * alone["has_text"], alone
