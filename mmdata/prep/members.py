@@ -335,7 +335,9 @@ def encode_groups(job: Job, records: list[Record], encoded: list[bool], keys: di
                 except SampleError as e:
                     for writer in writers.values():
                         writer.fail(i, e)
-            for group, writer in writers.items():
+            # the waveform first: a run that finds the features finds what they were made from (the lineage
+            # of two runs at once then matches one run's)
+            for group, writer in sorted(writers.items(), key=lambda item: item[0] != "waveform"):
                 writer.finish(built_by(job))
         except BaseException:   # an error, a full disk, Ctrl-C: leave no temp file behind
             for writer in writers.values():

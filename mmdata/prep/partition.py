@@ -231,7 +231,9 @@ def build_partition(job: Job, k: int, keys: PartitionKeys, records: list[Record]
     config = job.config
     store, entries = MemberStore(job), {}
     try:
-        for group, key in keys.members.items():
+        # the waveform last: it is finished before the features made from it, so features found here always
+        # come with their waveform, even while another run is writing both
+        for group, key in sorted(keys.members.items(), key=lambda item: item[0] == "waveform"):
             found = store.find(group, key, len(records))
             if found is not None:
                 entries[group] = found

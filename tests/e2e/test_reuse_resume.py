@@ -132,6 +132,8 @@ def test_two_runs_at_once_do_not_corrupt_each_other(inputs, tmp_path):
     results = [r.communicate(timeout=300) for r in runs]
     assert [r.returncode for r in runs] == [0, 0], [err for _, err in results]
     dataset = results[0][0].split("dataset    ")[1].split()[0]
-    assert dataset_files(dataset) == dataset_files(reference.dataset)
+    files, expected = dataset_files(dataset), dataset_files(reference.dataset)
+    ours, theirs = (json.loads(f["dataset.json"]) for f in (files, expected))
+    assert files == expected, {k: (ours.get(k), theirs.get(k)) for k in {*ours, *theirs} if ours.get(k) != theirs.get(k)}
     leftovers = [p for p in (tmp_path / "work").rglob("*.tmp")]
     assert leftovers == []
