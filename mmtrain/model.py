@@ -2,8 +2,9 @@
 
     text  ids  [B, L]        -> embedding + Transformer           -> tokens [B, L, D]
     image      [B, 3, H, W]  -> conv stem + ViT (or a torchvision CNN) -> tokens [B, N, D]
-    audio mel  [B, M, T]     -> 2 strided convs + Transformer      -> tokens [B, T/4, D]
-    pooled (masked mean) -> projection -> L2-normalised embedding  (contrastive loss)
+    audio mel  [B, M, T]     -> 2 strided + 2 wide convs + Transformer -> tokens [B, T/4, D]
+    pooled (masked mean; the ViT's max) -> projection -> L2-normalised embedding  (contrastive loss)
+    pooled -> a linear classifier per modality                     (with train.unimodal_weight)
     [CLS] + all tokens + modality embeddings -> fusion Transformer -> class logits
 
 A sample without a modality has that modality's presence flag False; its

@@ -34,6 +34,10 @@ RESUME_SETTINGS = ("model.dim", "model.heads", "model.mlp_ratio", "model.text_la
                    "model.image_layers", "model.patch_size", "model.image_stem", "model.image_pool", "model.cnn_arch",
                    "model.audio_layers", "model.audio_convs", "model.fusion_layers", "model.embed_dim", "model.max_positions",
                    "data.loader.modalities", "train.loss", "train.unimodal_weight", "train.seed")
+# What a checkpoint written before a setting existed was built with: a patchify ViT with mean pooling, no audio
+# convolutions, no per-modality classifiers.
+BUILT_BEFORE = {"model.image_stem": "patch", "model.image_pool": "mean", "model.audio_convs": 0,
+                "train.unimodal_weight": 0.0}
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -147,14 +151,12 @@ def check_same_settings(found: Path, saved: dict | None, current: dict) -> None:
                 "model.cnn_arch": image and not vit,
                 "model.fusion_layers": get(current, "train.loss") != "contrastive",
                 "train.unimodal_weight": get(current, "train.loss") != "contrastive"}.get(key, True)
-    if isinstance(saved.get("model"), dict) and "image_stem" not in saved["model"]:
-        # written before the conv stems and max pooling existed: a patchify ViT with mean pooling, no audio convs
-        saved = {**saved, "model": {**saved["model"], "image_stem": "patch", "image_pool": "mean", "audio_convs": 0}}
-    if isinstance(saved.get("train"), dict) and "unimodal_weight" not in saved["train"]:
-        saved = {**saved, "train": {**saved["train"], "unimodal_weight": 0.0}}   # written before it existed
-    differ = [(key, get(saved, key), get(current, key)) for key in RESUME_SETTINGS
-              if get(saved, key) is not None and used(key)
-              and comparable(key, get(saved, key)) != comparable(key, get(current, key))]
+    def before(key: str):                # the checkpoint's value, or what it was built with before key existed
+        value = get(saved, key)
+        return BUILT_BEFORE.get(key) if value is None and isinstance(saved.get(key.split(".")[0]), dict) else value
+    differ = [(key, before(key), get(current, key)) for key in RESUME_SETTINGS
+              if before(key) is not None and used(key)
+              and comparable(key, before(key)) != comparable(key, get(current, key))]
     if differ:
         first, *rest = differ
         listed = "; ".join([f"checkpoint {first[1]}, config {first[2]}",
