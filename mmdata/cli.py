@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import signal
 import sys
-import threading
 
+from mmdata import interrupts
 from mmdata.config import ConfigError
 
 DESCRIPTION = """\
@@ -34,21 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from mmdata.dataset import DatasetError
     # SIGTERM (a scheduler's stop) takes Ctrl-C's path: temp files are removed, finished shards kept
-    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() else None
-    try:
-        return args.run(args)
-    except (ConfigError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume (finished shards are kept)", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with interrupts.handling_interrupts():
+        try:
+            code = args.run(args)
+            interrupts.check()   # a stop whose exception a library's callback swallowed
+            return code
+        except (ConfigError, DatasetError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as e:
+            print(f"error: {describe_os_error(e)}", file=sys.stderr)
+            return EXIT_ENVIRONMENT
+        except KeyboardInterrupt:
+            print("interrupted; rerun the same command to resume (finished shards are kept)", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 def entry() -> None:
@@ -75,10 +73,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def describe_os_error(e: OSError) -> str:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:   # imported where used: importing this module (AudioConfig) m
     import torch
     import torchaudio
 
+from mmdata import interrupts
 from mmdata.config import require, require_choice
 from mmdata.schema import FLAC, MEL, SampleError
 
@@ -167,6 +168,7 @@ def waveform_members(pcm: np.ndarray, config: AudioConfig) -> dict[str, bytes]:
     """``{"flac"}``: the 16-bit waveform as FLAC (audio.keep_waveform), the samples the mel was made from."""
     buf = io.BytesIO()
     sf.write(buf, pcm, config.sample_rate, format="FLAC", subtype="PCM_16")
+    interrupts.check()       # a Ctrl-C swallowed inside soundfile's write callback leaves a cut-off file
     return {FLAC: buf.getvalue()}
 
 
@@ -188,7 +190,9 @@ def _decode(data: bytes, config: AudioConfig) -> tuple[np.ndarray, int, int, flo
                                                      f"audio.max_seconds={config.max_seconds}, over {_MAX_INPUT_FRAMES}")
             mono = _read_mono(f, limit)
     except _DECODE_ERRORS as e:
+        interrupts.check()   # the "corrupt" file may be a read that a swallowed Ctrl-C cut short
         raise SampleError("corrupt_audio", f"cannot decode audio ({len(data)} bytes): {e}") from None
+    interrupts.check()       # soundfile reads through cffi callbacks, which swallow KeyboardInterrupt
     if mono.size == 0:
         raise SampleError("empty_audio", f"audio decodes to 0 samples ({len(data)} bytes, {rate} Hz)")
     # A short read means the decoder hit the real end (truncated files report

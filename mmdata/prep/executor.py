@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Protocol
 
 from tqdm import tqdm
 
+from mmdata import interrupts
 from mmdata.prep.config import RayConfig
 from mmdata.prep.partition import Job, PartitionKeys, PartitionSummary, run_partition
 from mmdata.prep.sources import Record
@@ -57,6 +58,7 @@ class SerialExecutor:
 
     def run(self, job: Job, partitions: Partitions) -> Iterator[PartitionSummary]:
         for partition in partitions:
+            interrupts.check()   # a Ctrl-C that a library swallowed while the last partition ran
             yield run_partition(job, *partition)
 
 
@@ -278,12 +280,13 @@ def init_ray(ray_config: RayConfig):
     env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
     # Ray installs its own SIGTERM handler in the driver; the caller's (mmdata's: stop like Ctrl-C) stays
     main = threading.current_thread() is threading.main_thread()
-    on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level="WARNING")
     else:
         ray.init(num_cpus=ray_config.num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, logging_level="WARNING")
-    if main and on_sigterm is not None:
-        signal.signal(signal.SIGTERM, on_sigterm)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
     return ray

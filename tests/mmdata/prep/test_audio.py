@@ -255,3 +255,34 @@ def test_samples_beyond_full_scale_are_clipped_and_counted_in_the_info():
     flac, _ = sf.read(io.BytesIO(members[FLAC]), dtype="int16")
     assert info["clipped"] == int(np.count_nonzero(np.abs(hot) > 1.0)) > 0
     assert flac.max() == 32767 and flac.min() == -32767
+
+
+# --- interrupts ---------------------------------------------------------------
+
+class InterruptedWhileRead(io.BytesIO):
+    """In-memory audio whose reads take a Ctrl-C halfway through the file, as a real signal would arrive
+    while soundfile is inside its cffi read callback."""
+
+    def readinto(self, buffer):
+        if self.tell() > len(self.getbuffer()) // 2:
+            from mmdata import interrupts
+            interrupts.interrupt(2, None)
+        return super().readinto(buffer)
+
+
+def test_a_ctrl_c_inside_soundfiles_read_callback_stops_the_run_not_a_truncated_sample(monkeypatch):
+    import sys
+    import types
+
+    import mmdata.prep.audio as audio
+    from mmdata import interrupts
+    monkeypatch.setattr(audio, "io", types.SimpleNamespace(BytesIO=InterruptedWhileRead))
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)
+    data = audio_bytes(sine(440, 2.0))
+    with interrupts.handling_interrupts(), pytest.raises(KeyboardInterrupt):
+        encode_audio(data, AudioConfig(max_seconds=2.0))
+    # cffi swallowed the exception itself (the reason for the flag): without the check the clip came back
+    # cut short, or "corrupt", and would have been cached as this input's outcome
+    assert any(isinstance(u.exc_value, KeyboardInterrupt) for u in swallowed)
+    assert not interrupts.requested()   # cleared when the command ends: the next one in this process runs
