@@ -16,7 +16,7 @@ Turn multimodal samples (text, image, audio, label) into sharded WebDataset tars
   mmdata demo-data --out data/demo --n 2000        generate a small learnable dataset
   mmdata preprocess pipelines/demo.yaml [k=v ...]  manifest/tars -> dataset directory
   mmdata info data/datasets/demo                   counts, sizes, errors by reason
-  mmdata verify data/datasets/demo                 re-read every shard; exit 1 if unhealthy
+  mmdata verify data/datasets/demo [more ...]      re-read every shard; exit 1 if unhealthy
   mmdata show data/datasets/demo --out sheet.png   contact sheet of samples
   mmdata wids-index data/datasets/demo             index for random access with `wids`
   mmdata gc data/datasets --dry-run                store entries no finished dataset uses
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=run_info)
 
     p = sub.add_parser("verify", help="re-read every shard and check it against the index and counts")
-    p.add_argument("dataset")
+    p.add_argument("dataset", nargs="+", help="one or more dataset directories")
     p.set_defaults(run=run_verify)
 
     p = sub.add_parser("wids-index", help="write DATASET/wids-index.json for the wids library")
@@ -237,13 +237,16 @@ def run_wids_index(args) -> int:
 
 def run_verify(args) -> int:
     from mmdata.verify import check_dataset
-    report = check_dataset(args.dataset)
-    for problem in report.problems:
-        print(problem)
-    for note in report.notes:
-        print(f"note: {note}")
-    print(report.summary())
-    return 0 if report.ok else 1
+    ok = True
+    for dataset in args.dataset:
+        report = check_dataset(dataset)
+        for problem in report.problems:
+            print(problem)
+        for note in report.notes:
+            print(f"note: {note}")
+        print(f"{dataset}: {report.summary()}" if len(args.dataset) > 1 else report.summary())
+        ok &= report.ok
+    return 0 if ok else 1
 
 
 def run_show(args) -> int:

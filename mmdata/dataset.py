@@ -25,8 +25,9 @@ class DatasetError(Exception):
 
 
 # Format versions this mmdata reads. Version 1 is version 2 without the per-member crc32 in the index
-# (readers that do not check checksums read both the same way); mmdata writes FORMAT_VERSION.
-READABLE_FORMAT_VERSIONS = (1, 2)
+# (readers that do not check checksums read both the same way); version 3 adds the index's split column
+# (absent before: no sample has a split of its own); mmdata writes FORMAT_VERSION.
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 assert FORMAT_VERSION in READABLE_FORMAT_VERSIONS
 # what preprocessing names shards (schema.shard_name); anything else in a shard list is refused, so a
 # damaged or hostile dataset.json cannot point readers outside the dataset directory

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import re
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3   # 3: the index's split column and the json's "split"; 2: each member's crc32 in the index
+# The format version the member cache's entries were made under: v3 changed the index and the json member,
+# not any member the cache holds, so entries made under v2 stay valid (no recomputed features).
+MEMBER_FORMAT_VERSION = 2
 # Bumped whenever the bytes produced for the same input and config change (a new resampler,
 # encoder settings...). It is part of every fingerprint, so upgraded code never reuses shards
 # that older code wrote differently. FORMAT_VERSION is the reader-facing contract.

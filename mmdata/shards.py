@@ -43,6 +43,7 @@ INDEX_SCHEMA = pa.schema([
     ("image_height", pa.int32()),
     ("audio_frames", pa.int32()),
     ("label", pa.int64()),
+    ("split", pa.string()),        # the input's split name (format v3), null when it gives none
 ])
 
 

@@ -150,7 +150,7 @@ def run_eval(args) -> int:
     from mmdata.schema import one_line
     from mmtrain import checkpoint
     from mmtrain.config import ExperimentConfig
-    from mmtrain.data import dataset_facts, resolve_dataset
+    from mmtrain.data import dataset_facts, resolve_sources
     from mmtrain.distributed import setup
     from mmtrain.evaluate import format_metrics
     from mmtrain.report import warn
@@ -164,8 +164,9 @@ def run_eval(args) -> int:
         raise ConfigError("", f"no checkpoint in {checkpoint.checkpoint_dir(args.run_dir)}: train first")
     path, state, meta = found
     d = setup(config.train.device)
-    dataset = resolve_dataset(config.data, d)
-    model = build_model(config, dataset_facts(dataset, labels_used=config.train.loss != "contrastive",
+    sources = resolve_sources(config.data, d)
+    model = build_model(config, dataset_facts([s.path for s in sources],
+                                              labels_used=config.train.loss != "contrastive",
                                               max_classes=config.model.max_classes))
     try:
         model.load_state_dict(state["model"])
@@ -174,7 +175,7 @@ def run_eval(args) -> int:
                           f"({one_line(e)}); was config.yaml edited?") from None
     model.to(d.device)
     print(f"checkpoint {path} (step {meta.get('step')})")
-    print(format_metrics(evaluate(model, config, dataset, d.device, shown=[])))
+    print(format_metrics(evaluate(model, config, sources, d.device, shown=[])))
     return 0
 
 

@@ -9,11 +9,32 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from mmdata import LoaderConfig
-from mmdata.config import require, require_choice
+from mmdata.config import ConfigError, require, require_choice
 from mmtrain.model import ModelConfig
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of several (``data.datasets``): built or reused from a preprocess config, or given."""
+    preprocess: str | None = None
+    preprocess_overrides: list[str] = field(default_factory=list)
+    dataset: str | None = None
+    weight: float = 1.0             # share of training batches, relative to the other datasets'
+    name: str | None = None         # how evaluation names it; default: the dataset's name (dataset.json)
+
+    def validate(self) -> None:
+        require((self.preprocess is None) != (self.dataset is None), "preprocess",
+                "give exactly one of preprocess or dataset")
+        require(0 < self.weight < float("inf"), "weight", f"must be positive and finite; got {self.weight}")
+        require(self.name is None or SOURCE_NAME.fullmatch(self.name) is not None, "name",
+                f"must be 1-64 letters, digits, '_', '-' or '.'; got {self.name!r}")
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass
@@ -21,15 +42,28 @@ class DataConfig:
     preprocess: str | None = None   # a preprocess YAML: its shards are built, or reused when they exist
     preprocess_overrides: list[str] = field(default_factory=list)
     dataset: str | None = None      # or an existing dataset directory (local path or URL)
-    eval_fraction: float = 0.1      # held-out split by a hash of the sample id
+    datasets: list[SourceConfig] = field(default_factory=list)  # or several, mixed by weight
+    eval_fraction: float = 0.1      # held out by a hash of the id, of samples whose input names no split
     eval_batch_size: int = 128
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # its `datasets` is filled in from the above
 
     def validate(self) -> None:
-        require((self.preprocess is None) != (self.dataset is None), "preprocess",
-                "give exactly one of data.preprocess or data.dataset")
+        given = sum([self.preprocess is not None, self.dataset is not None, bool(self.datasets)])
+        require(given == 1, "preprocess", "give exactly one of data.preprocess, data.dataset or data.datasets")
+        for i, source in enumerate(self.datasets):
+            try:
+                source.validate()
+            except ConfigError as e:
+                raise ConfigError(f"datasets[{i}].{e.key}", e.detail) from None
+        names = [s.name for s in self.datasets if s.name is not None]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        require(duplicate is None, "datasets", f"two datasets are named {duplicate!r}; give each its own name")
         require(0 < self.eval_fraction < 1, "eval_fraction", f"must be in (0, 1); got {self.eval_fraction}")
         require(self.eval_batch_size > 0, "eval_batch_size", "must be positive")
+
+    def sources(self) -> list[SourceConfig]:
+        """The datasets to train on: ``datasets``, or the one that ``preprocess``/``dataset`` names."""
+        return self.datasets or [SourceConfig(self.preprocess, list(self.preprocess_overrides), self.dataset)]
 
 
 @dataclass

@@ -192,13 +192,45 @@ def format_metrics(metrics: dict[str, float]) -> str:
     on keys with a prefix such as "eval/".
     """
     # "skipped" (samples left out with loader.on_error=skip) is a count, not a score: the trainer prints it
-    scores = [k for k in metrics if not k.endswith(("/chance", "/uniform_chance", "/n")) and k != "skipped"]
+    sources = per_dataset(metrics)
+    own = {f"{name}/{k}" for name, values in sources.items() for k in values}
+    scores = [k for k in metrics if not k.endswith(("/chance", "/uniform_chance", "/n")) and k != "skipped"
+              and k not in own]
     if not scores:
         return "(no metrics)"
     names = {k: k.replace("/R@", " R@").replace("/class@", " class@").replace("/median_rank", " median rank")
              for k in scores}
     width = max(len(name) for name in names.values())
-    return "\n".join(format_line(k, names[k], width, metrics) for k in scores)
+    table = "\n".join(format_line(k, names[k], width, metrics) for k in scores)
+    return f"{table}\n{dataset_table(sources)}" if sources else table
+
+
+def per_dataset(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The metrics of each dataset of several ("<name>/accuracy" beside "accuracy"), by dataset name."""
+    sources: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        name, sep, rest = key.partition("/")
+        own_score = rest.rsplit("/", 1)[0] if rest.endswith(("/chance", "/uniform_chance", "/n")) else rest
+        if sep and "->" not in name and own_score in metrics and own_score != key:
+            sources.setdefault(name, {})[rest] = value
+    return sources
+
+
+def dataset_table(sources: dict[str, dict[str, float]]) -> str:
+    """One line per dataset: held-out samples, accuracy, fusion gain, zero-shot accuracy and class@1 averaged
+    over the modality pairs (eval.json has every metric of each)."""
+    columns = ["accuracy", "fusion_gain", "zero_shot[image]", "zero_shot[audio]"]
+    columns = [c for c in columns if any(c in values for values in sources.values())]
+    rows = []
+    for name, values in sources.items():
+        class1 = [v for k, v in values.items() if k.endswith("/class@1")]
+        n = values.get("accuracy/n", next((v for k, v in values.items() if k.endswith("/n")), None))
+        rows.append([name, "" if n is None else str(int(n)), *(f"{values[c]:.3f}" if c in values else "-"
+                                                                for c in columns),
+                     f"{sum(class1) / len(class1):.3f}" if class1 else "-"])
+    header = ["dataset", "n", *columns, "class@1 (mean of pairs)"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("   ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows])
 
 
 def format_line(key: str, name: str, width: int, metrics: dict[str, float]) -> str:

@@ -69,7 +69,7 @@ def prepare_run_dir(run_dir: Path, config: ExperimentConfig, step: int) -> None:
     trim_metrics(run_dir / "metrics.jsonl", step)
 
 
-def resume(state: TrainState, config: ExperimentConfig, d: Dist, dataset: str) -> None:
+def resume(state: TrainState, config: ExperimentConfig, d: Dist, datasets: list[str]) -> None:
     """Load the run's newest readable checkpoint into ``state`` (nothing when the run has none), after
     checking that it was trained on this data with this model's settings (ConfigError naming what differs)."""
     resumed = resume_point(config, d)
@@ -79,7 +79,7 @@ def resume(state: TrainState, config: ExperimentConfig, d: Dist, dataset: str) -
     now = state.loader.fingerprints()
     trained_on = saved["loader"].get("datasets", now) if isinstance(saved["loader"], dict) else now
     if trained_on != now:
-        raise ConfigError("train.run_dir", data_changed_message(str(found), trained_on, dataset, now))
+        raise ConfigError("train.run_dir", data_changed_message(str(found), trained_on, datasets, now))
     if meta.get("vocab_size") != state.facts["vocab_size"]:
         raise ConfigError("data", f"checkpoint {found} was trained with vocab size {meta.get('vocab_size')}; "
                           f"this dataset's tokenizer has {state.facts['vocab_size']}: use another train.run_dir")

@@ -25,7 +25,7 @@ from mmdata.config import to_dict
 from mmdata.schema import one_line
 from mmtrain import checkpoint
 from mmtrain.config import ExperimentConfig
-from mmtrain.data import dataset_facts, eval_loader, resolve_dataset, train_loader
+from mmtrain.data import Source, dataset_facts, describe_split, eval_loader, resolve_sources, train_loader
 from mmtrain.distributed import Dist, barrier, mean_over_ranks
 from mmtrain.failures import (DataError, Interrupted, StopRequest, TrainingError, nan_message, out_of_memory,
                               out_of_memory_message, reading, skipped_sample)
@@ -44,6 +44,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: MultimodalLoader
     facts: dict                       # dataset sizes the model was built from (vocab, image size...)
+    sources: list[Source]             # the datasets it trains on
     step: int = 0
 
     sharded: bool = False             # FSDP2: state dicts are gathered to full tensors on save
@@ -133,16 +134,19 @@ def setup(config: ExperimentConfig, d: Dist) -> TrainState:
     """Model, optimizer, scheduler and loader for ``config``, resumed from the run's newest checkpoint if any."""
     torch.manual_seed(config.train.seed)
     check_run_dir(config.train.run_dir)
-    dataset = resolve_dataset(config.data, d)
-    facts = dataset_facts(dataset, labels_used=config.train.loss != "contrastive",
+    sources = resolve_sources(config.data, d)
+    facts = dataset_facts([s.path for s in sources], labels_used=config.train.loss != "contrastive",
                           max_classes=config.model.max_classes)
-    loader = train_loader(config, dataset, d)
+    loader = train_loader(config, sources, d)
+    if d.is_main:
+        for source, catalog in zip(sources, loader.catalogs):
+            print(f"data: {source.name}: {describe_split(catalog, config)}")
     model = build_model(config, facts)
     wrapped = wrap(model, config, d)   # before the optimizer: FSDP2 swaps parameters for sharded ones
     optimizer = adamw(model, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    state = TrainState(wrapped, model, optimizer, scheduler, loader, facts, sharded=config.train.fsdp)
-    resume(state, config, d, dataset)
+    state = TrainState(wrapped, model, optimizer, scheduler, loader, facts, sources, sharded=config.train.fsdp)
+    resume(state, config, d, [s.path for s in sources])
     return state
 
 
@@ -197,10 +201,9 @@ def train_step(state: TrainState, stream, config: ExperimentConfig, d: Dist) -> 
             note_skipped(state, batch.get("skipped"))
             empty += 1
             if empty > len(state.loader):
-                dataset = state.loader.catalogs[0].dataset
                 raise DataError(f"every sample of {empty} batches in a row (an epoch) was skipped "
                                 f"(data.loader.on_error=skip): the data cannot be read; the first reasons are "
-                                f"above; run `mmdata verify {dataset}`")
+                                f"above; run `mmdata verify {paths(state.sources)}`")
             batch = next(stream)
         wait += time.perf_counter() - t
         batch = move_to(batch, d.device)  # copy + normalisation count as step work
@@ -230,19 +233,40 @@ def train_step(state: TrainState, stream, config: ExperimentConfig, d: Dist) -> 
 
 
 @torch.no_grad()
-def evaluate(model: FusionModel, config: ExperimentConfig, dataset: str, device: torch.device,
+def evaluate(model: FusionModel, config: ExperimentConfig, sources: list[Source], device: torch.device,
              shown: list[str] | None = None) -> dict[str, float]:
-    """Retrieval R@K per modality pair and accuracy on the held-out split, with chance levels. With
-    loader.on_error=skip, "skipped" counts the held-out samples left out; the first reasons are printed
-    (``shown``: those printed so far in this run)."""
-    from mmtrain.evaluate import evaluate_embeddings
+    """Retrieval per modality pair, accuracy per modality subset and zero-shot accuracy on the held-out split,
+    with chance levels. With several datasets: over all their held-out samples together, and each dataset's
+    own metrics under "<name>/". With loader.on_error=skip, "skipped" counts the held-out samples left out;
+    the first reasons are printed (``shown``: those printed so far in this run)."""
     model.eval()
+    subsets = modality_subsets(tuple(model.encoders)) if model.classify else ()
+    parts, skipped = {}, 0
+    for source in sources:
+        parts[source.name], left_out = held_out_outputs(model, config, source, device, subsets, shown)
+        skipped += left_out
+    extra = {"skipped": skipped} if config.data.loader.on_error == "skip" else {}
+    names = {s.name: label_names(s.path) for s in sources}
+    # zero-shot over all datasets together only where a class number names one class in all of them
+    shared = names[sources[0].name] if all(n == names[sources[0].name] for n in names.values()) else []
+    together = {k: [t for p in parts.values() for t in p.get(k, [])] for k in {k for p in parts.values() for k in p}}
+    metrics = score(model, config, together, subsets, sources[0].path, shared, device)
+    if len(sources) > 1:
+        for s in sources:
+            own = score(model, config, parts[s.name], subsets, s.path, names[s.name], device)
+            metrics.update({f"{s.name}/{k}": v for k, v in own.items()})
+    return {**metrics, **extra}
+
+
+def held_out_outputs(model: FusionModel, config: ExperimentConfig, source: Source, device: torch.device,
+                     subsets: tuple, shown: list[str] | None) -> tuple[dict[str, list], int]:
+    """The model's embeddings, logits and the labels over one dataset's held-out split (lists of batch
+    tensors by name), and how many of its samples were skipped."""
     parts: dict[str, list] = {"label": [], "has_label": [], "logits": []}
     skipped: set[str] = set()
-    loader = eval_loader(config, dataset)
-    subsets = modality_subsets(tuple(model.encoders)) if model.classify else ()
+    loader = eval_loader(config, source)
     try:
-        with reading(dataset):
+        with reading(source.path):
             for batch in loader:
                 batch = move_to(batch, device)
                 reasons = batch.get("skipped") or []
@@ -265,9 +289,16 @@ def evaluate(model: FusionModel, config: ExperimentConfig, dataset: str, device:
                 parts["has_label"].append(batch["has_label"][real].cpu())
     finally:
         loader.close()
-    extra = {"skipped": len(skipped)} if config.data.loader.on_error == "skip" else {}
-    if not parts["label"]:
-        return extra      # every held-out sample was skipped
+    return parts, len(skipped)
+
+
+def score(model: FusionModel, config: ExperimentConfig, parts: dict[str, list], subsets: tuple, dataset: str,
+          names: list[str], device: torch.device) -> dict[str, float]:
+    """The metrics of held-out outputs (:func:`held_out_outputs`), zero-shot with the class ``names`` through
+    ``dataset``'s tokenizer; {} when every sample was skipped."""
+    from mmtrain.evaluate import evaluate_embeddings
+    if not parts.get("label"):
+        return {}
     cat = {k: torch.cat(v) for k, v in parts.items() if v}
     embeddings = {k[4:]: v for k, v in cat.items() if isinstance(k, str) and k.startswith("emb/")}
     present = {k[8:]: v for k, v in cat.items() if isinstance(k, str) and k.startswith("present/")}
@@ -275,7 +306,6 @@ def evaluate(model: FusionModel, config: ExperimentConfig, dataset: str, device:
         metrics = evaluate_embeddings(embeddings, present, cat.get("logits"), cat["label"], cat["has_label"],
                                       num_classes=model.head[-1].out_features if model.classify else 0,
                                       subset_logits={s: cat[s] for s in subsets if s in cat})
-        names = label_names(dataset)
         if names and config.eval.prompts and "text" in model.encoders and len(embeddings) > 1:
             from mmtrain.zeroshot import class_embeddings, zero_shot_metrics
             classes = class_embeddings(model, dataset, names, config.eval.prompts, device).cpu()
@@ -283,7 +313,12 @@ def evaluate(model: FusionModel, config: ExperimentConfig, dataset: str, device:
     except ValueError as e:      # NaN/inf embeddings: the weights diverged after the last finite loss
         raise TrainingError(f"evaluation: {e}. Lower optim.lr, raise optim.warmup_steps or set optim.clip_grad"
                             ) from None
-    return {**metrics, **extra}
+    return metrics
+
+
+def paths(sources: list[Source]) -> str:
+    """The datasets' directories, as arguments to one command (``mmdata verify A B``)."""
+    return " ".join(s.path for s in sources)
 
 
 def label_names(dataset: str) -> list[str]:
@@ -347,7 +382,7 @@ def train(config: ExperimentConfig, d: Dist) -> dict[str, float]:
 def train_loop(state: TrainState, config: ExperimentConfig, d: Dist) -> dict[str, float]:
     """From state.step to train.steps, then the final checkpoint and evaluation; rank 0 writes the summary."""
     run_dir = Path(config.train.run_dir)
-    dataset, facts = state.loader.catalogs[0].dataset, state.facts
+    facts, datasets = state.facts, paths(state.sources)
     if d.is_main:
         prepare_run_dir(run_dir, config, state.step)
     logger = Logger(run_dir, d.is_main)
@@ -356,7 +391,7 @@ def train_loop(state: TrainState, config: ExperimentConfig, d: Dist) -> dict[str
     bar = tqdm(total=config.train.steps, initial=state.step, disable=not (config.train.progress and d.is_main),
                desc="train", unit="step", dynamic_ncols=True)
     try:
-        with StopRequest(not d.distributed) as stop, reading(dataset):
+        with StopRequest(not d.distributed) as stop, reading(datasets):
             while state.step < config.train.steps:
                 logs = train_step(state, stream, config, d)
                 bar.update(1)
@@ -366,7 +401,7 @@ def train_loop(state: TrainState, config: ExperimentConfig, d: Dist) -> dict[str
                     log_step(logger, state, logs, d, skipping)
                 if (config.train.eval_every and state.step % config.train.eval_every == 0
                         and state.step < config.train.steps):
-                    run_eval(state, config, d, dataset, logger)
+                    run_eval(state, config, d, logger)
                 saved = maybe_checkpoint(state, config, d, facts)
                 if stop.requested:
                     bar.close()
@@ -375,7 +410,7 @@ def train_loop(state: TrainState, config: ExperimentConfig, d: Dist) -> dict[str
             bar.close()
             # the final checkpoint before the final evaluation: an interrupted or failed evaluation loses no step
             maybe_checkpoint(state, config, d, facts, force=True)
-        metrics = run_eval(state, config, d, dataset, logger)
+        metrics = run_eval(state, config, d, logger)
         skipped = total_skipped(state, d) if skipping else None
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e) or isinstance(e, TrainingError):
@@ -386,7 +421,7 @@ def train_loop(state: TrainState, config: ExperimentConfig, d: Dist) -> dict[str
         logger.close()
     state.loader.close()
     if d.is_main:
-        finish(run_dir, metrics, skipped, dataset)
+        finish(run_dir, metrics, skipped, datasets)
     return metrics
 
 
@@ -405,10 +440,10 @@ def eval_model(state: TrainState, config: ExperimentConfig, d: Dist) -> FusionMo
     return model.to(d.device)
 
 
-def run_eval(state: TrainState, config: ExperimentConfig, d: Dist, dataset: str, logger: Logger) -> dict:
+def run_eval(state: TrainState, config: ExperimentConfig, d: Dist, logger: Logger) -> dict:
     """Evaluate on rank 0 and log it at the current step; the other ranks wait for it at the barrier."""
     model = eval_model(state, config, d)
-    metrics = evaluate(model, config, dataset, d.device, state.skip_reasons) if d.is_main else {}
+    metrics = evaluate(model, config, state.sources, d.device, state.skip_reasons) if d.is_main else {}
     logger.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
     barrier(d)
     return metrics

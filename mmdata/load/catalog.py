@@ -35,6 +35,8 @@ class Catalog:
     audio_frames: np.ndarray         # [n] int32, 0 when absent
     label: np.ndarray                # [n] int64, -1 when absent
     has: dict[str, np.ndarray]       # modality -> [n] bool
+    split: np.ndarray                # [n] int16: the input's split name as a number into split_names, -1 none
+    split_names: tuple[str, ...]     # the names the input gave (format v3), e.g. ("eval", "train")
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -86,7 +88,21 @@ def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
         audio_frames=column("audio_frames", 0, np.int32),
         label=column("label", -1, np.int64),
         has={m: column(f"has_{m}", False, bool) for m in MODALITIES},
+        **split_column(table, n),
     )
+
+
+def split_column(table: pa.Table | None, n: int) -> dict:
+    """The split column as small numbers and the names they stand for (2 bytes a sample, not a string);
+    all -1 for an index without one (format v2 and before)."""
+    if not n or "split" not in table.column_names:
+        return {"split": np.full(n, -1, np.int16), "split_names": ()}
+    encoded = table.column("split").combine_chunks().dictionary_encode()
+    names = tuple(encoded.dictionary.to_pylist())
+    if len(names) > np.iinfo(np.int16).max:
+        raise ValueError(f"the index names {len(names)} splits")   # format.md: a handful of names
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int16)
+    return {"split": codes, "split_names": names}
 
 
 def fill_members(members: pa.ChunkedArray, offsets: dict, sizes: dict) -> None:
@@ -109,10 +125,37 @@ def fill_members(members: pa.ChunkedArray, offsets: dict, sizes: dict) -> None:
         sizes[name][sample[where]] = size[where]
 
 
-def split_mask(ids: pa.Array, split: str, eval_fraction: float) -> np.ndarray:
-    """Deterministic train/eval split by a hash of the id: stable when rows are added or reordered."""
-    if split == "all" or len(ids) == 0:
-        return np.ones(len(ids), bool)
-    hashed = np.array([id_hash(i) for i in ids.to_pylist()], np.uint64)
-    in_eval = hashed < np.uint64(int(eval_fraction * 2**64 - 1)) if eval_fraction > 0 else np.zeros(len(ids), bool)
-    return in_eval if split == "eval" else ~in_eval
+def split_mask(catalog: Catalog, split: str, eval_fraction: float, train_splits=("train",),
+               eval_splits=("eval",)) -> np.ndarray:
+    """The rows of ``split`` (all | train | eval). A sample whose input named its split (the index's split
+    column) is in train when that name is one of ``train_splits``, in eval when one of ``eval_splits``, and in
+    neither otherwise (e.g. "test"); any other sample is split by a hash of its id, ``eval_fraction`` of them
+    held out: deterministic, and stable when rows are added or reordered."""
+    n = len(catalog)
+    if split == "all" or n == 0:
+        return np.ones(n, bool)
+    wanted = {name.lower() for name in (train_splits if split == "train" else eval_splits)}
+    named = catalog.split >= 0
+    in_named = np.array([name.lower() in wanted for name in catalog.split_names] + [False], bool)
+    mask = in_named[np.where(named, catalog.split, len(catalog.split_names))]
+    unnamed = np.flatnonzero(~named)
+    if len(unnamed):
+        mask[unnamed] = hash_split(catalog.ids_of(unnamed), eval_fraction) == (split == "eval")
+    return mask
+
+
+def hash_split(ids: list[str], eval_fraction: float) -> np.ndarray:
+    """True for the ids held out by hash: ``eval_fraction`` of them, the same ones in every run."""
+    if eval_fraction <= 0:
+        return np.zeros(len(ids), bool)
+    hashed = np.fromiter((id_hash(i) for i in ids), np.uint64, len(ids))
+    return hashed < np.uint64(int(eval_fraction * 2**64 - 1))
+
+
+def split_counts(catalog: Catalog, eval_fraction: float, train_splits, eval_splits) -> dict[str, int]:
+    """How a dataset's samples are split: train, eval and neither (an input split such as "test"), and how
+    many of them the input's split column placed ("named"; the rest by id hash)."""
+    train = split_mask(catalog, "train", eval_fraction, train_splits, eval_splits)
+    held = split_mask(catalog, "eval", eval_fraction, train_splits, eval_splits)
+    return {"train": int(train.sum()), "eval": int(held.sum()), "neither": int((~train & ~held).sum()),
+            "named": int((catalog.split >= 0).sum())}

@@ -26,8 +26,10 @@ class LoaderConfig:
     shuffle_window: int = 4        # shards whose samples are shuffled together
     samples_per_epoch: int = 0     # 0: the selected samples of all datasets
     remainder: str = "drop"        # drop | pad: the last partial global batch
-    split: str = "all"             # all | train | eval (deterministic, by a hash of the id)
-    eval_fraction: float = 0.0
+    split: str = "all"             # all | train | eval: by the input's split names where the index has them,
+    eval_fraction: float = 0.0     # else by a hash of the id, this fraction held out
+    train_splits: list[str] = field(default_factory=lambda: ["train"])   # input split names of each side;
+    eval_splits: list[str] = field(default_factory=lambda: ["eval", "val", "validation", "dev"])  # others: neither
     bucket_by: str | None = None   # None | tokens | audio_frames
     bucket_batches: int = 8        # global batches sorted together when bucketing
     pad_tokens_to: int | None = None
@@ -56,8 +58,12 @@ class LoaderConfig:
         require_choice(self.remainder, "remainder", ("drop", "pad"))
         require_choice(self.split, "split", ("all", "train", "eval"))
         require(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1); got {self.eval_fraction}")
-        require(self.split == "all" or self.eval_fraction > 0, "eval_fraction",
-                f"must be > 0 when split is {self.split!r}")
+        for key in ("train_splits", "eval_splits"):
+            names = getattr(self, key)
+            require(all(isinstance(n, str) and n for n in names), key, f"must be split names; got {names}")
+        both = {n.lower() for n in self.train_splits} & {n.lower() for n in self.eval_splits}
+        require(not both, "eval_splits", f"{sorted(both)} is in train_splits too; a sample is trained on or held "
+                                         "out, not both")
         require_choice(self.bucket_by, "bucket_by", (None, "tokens", "audio_frames"))
         require(self.bucket_batches > 0, "bucket_batches", "must be positive")
         require(self.pad_tokens_to is None or 0 < self.pad_tokens_to <= 1_000_000, "pad_tokens_to",

@@ -79,7 +79,7 @@ def build_plan(config: LoaderConfig, rank: int, world_size: int) -> Plan:
 
 def make_source(catalog: Catalog, weight: float, config: LoaderConfig) -> Source:
     """The catalog rows this loader uses: the split, and only samples with a requested modality."""
-    keep = split_mask(catalog.ids, config.split, config.eval_fraction)
+    keep = split_mask(catalog, config.split, config.eval_fraction, config.train_splits, config.eval_splits)
     wanted = np.zeros(len(catalog), bool)
     for modality in config.modalities:
         wanted |= catalog.has[modality]
@@ -130,8 +130,10 @@ def check_plan(plan: Plan) -> None:
     c = plan.config
     for catalog, source in zip(plan.catalogs, plan.sources):
         if len(source.rows) == 0:
+            hint = ("" if c.split != "eval" or c.eval_fraction > 0 or catalog.split_names else
+                    ": its input names no splits, so set loader.eval_fraction to hold some out by id")
             raise ConfigError("loader.datasets", f"{catalog.dataset} has no samples with "
-                              f"{' or '.join(c.modalities)} in split {c.split!r}")
+                              f"{' or '.join(c.modalities)} in split {c.split!r}{hint}")
         for modality in c.modalities:
             if catalog.present(modality) == 0:
                 raise ConfigError("loader.modalities", f"{catalog.dataset} has no {modality}; "

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from mmdata import storage
 from mmdata.config import to_dict
 from mmdata.prep.inputs import ReadSettings, read_input, too_large
-from mmdata.schema import FORMAT_VERSION, PROCESSING_VERSION, SampleError
+from mmdata.schema import MEMBER_FORMAT_VERSION, PROCESSING_VERSION, SampleError
 
 if TYPE_CHECKING:
     from mmdata.prep.config import PreprocessConfig
@@ -93,7 +93,7 @@ def member_keys(job: Job, inputs: list[dict | None]) -> dict[str, str]:
         per_row = [None if row is None else row.get(modality) for row in inputs]
         if all(value is None for value in per_row):
             continue
-        settings = [group, group_settings(group, job.config, job.tokenizer), PROCESSING_VERSION, FORMAT_VERSION]
+        settings = [group, group_settings(group, job.config, job.tokenizer), PROCESSING_VERSION, MEMBER_FORMAT_VERSION]
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
         for value in per_row:
             digest.update(json.dumps(value, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))

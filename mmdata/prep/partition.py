@@ -110,7 +110,7 @@ def partition_keys(job: Job, k: int, records: list[Record], duplicates: set[int]
     for record in records:
         identity = input_identities(record, job)
         text = record.text.hex() if isinstance(record.text, bytes) else record.text
-        fields = [record.row, record.id, text, identity, record.label, record.meta, record.error]
+        fields = [record.row, record.id, text, identity, record.label, record.split, record.meta, record.error]
         digest.update(json.dumps(fields, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
         inputs.append(None if rejected_before_encoding(record, job, duplicates) else {"text": text, **identity})
@@ -389,23 +389,24 @@ def map_label(value: Any, labels: dict[str, int] | None) -> int | None:
 
 
 _encode_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str).encode
-_JSON_KEYS = {key: _encode_json(key) + ": " for key in ("audio", "id", "image", "label", "meta", "row", "text")}
+_JSON_KEYS = {key: _encode_json(key) + ": " for key in ("audio", "id", "image", "label", "meta", "row", "split",
+                                                          "text")}
 
 
 def cached_sample_json(record: Record, label: int | None, info_json: dict[str, str]) -> bytes:
-    """The sample's json member: ``json.dumps({"id", "row", "label", "meta", <modality>: info, ...},
+    """The sample's json member: ``json.dumps({"id", "row", "label", "split", "meta", <modality>: info, ...},
     ensure_ascii=False, sort_keys=True, default=str)``, the same bytes, built from each modality's info
     serialised when it was cached (JSON serialisation is compositional: a value's text inside a document
     is its text alone, with the same options); dumping the whole document was a third of an assembly."""
     parts = {"id": _encode_json(record.id), "row": _encode_json(record.row), "label": _encode_json(label),
-             "meta": _encode_json(record.meta), **info_json}
+             "split": _encode_json(record.split), "meta": _encode_json(record.meta), **info_json}
     return ("{" + ", ".join(_JSON_KEYS[key] + parts[key] for key in sorted(parts)) + "}").encode("utf-8")
 
 
 def index_columns(record: Record, label: int | None, info: dict) -> dict:
     image, audio = info.get("image", {}), info.get("audio", {})
     return {
-        "id": record.id, "row": record.row, "label": label,
+        "id": record.id, "row": record.row, "label": label, "split": record.split,
         "has_text": "text" in info, "has_image": "image" in info, "has_audio": "audio" in info,
         "n_tokens": info.get("text", {}).get("n_tokens"),
         "image_width": image.get("out_width"), "image_height": image.get("out_height"),

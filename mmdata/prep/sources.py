@@ -13,6 +13,7 @@ inline as bytes.
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -25,7 +26,7 @@ from mmdata.prep.manifests import (SURROGATE, MAX_META_DEPTH, RowError, check_ma
 from mmdata.prep.tar_samples import iter_tar_samples
 from mmdata.schema import one_line
 
-RESERVED = ("id", "text", "image", "audio", "label")
+RESERVED = ("id", "text", "image", "audio", "label", "split")
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 AUDIO_SUFFIXES = ("wav", "flac", "ogg", "mp3", "opus")
 TEXT_SUFFIXES = ("txt", "caption", "text")
@@ -86,6 +87,7 @@ class Record:
     image: str | bytes | None = None
     audio: str | bytes | None = None
     label: Any = None
+    split: str | None = None        # the input's own train/eval split ("train", "eval", "test"...), if it has one
     meta: dict = field(default_factory=dict)
     error: str | None = None        # the row itself is unusable (bad JSON line...): rejected with error_reason
     error_reason: str = "bad_row"   # the reason it is counted under (a short stable slug)
@@ -157,6 +159,7 @@ def record_from_row(row: int, data: dict | RowError, base: str, where: str = "")
             sample_id = check_id(data["id"])
         check_values(data, skip="text" if isinstance(data.get("text"), str) else "")
         image, audio = resolve(data.get("image"), base, "image"), resolve(data.get("audio"), base, "audio")
+        split = check_split(data.get("split"))
     except BadValue as e:
         return Record(row=row, id=sample_id, error=f"{where}: {e}", error_reason=e.reason)
     return Record(
@@ -166,8 +169,22 @@ def record_from_row(row: int, data: dict | RowError, base: str, where: str = "")
         image=image,
         audio=audio,
         label=data.get("label"),
+        split=split,
         meta={k: v for k, v in data.items() if k not in RESERVED},
     )
+
+
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def check_split(value: Any) -> str | None:
+    """A split name (``train``, ``eval``, ``test``...), or None for a row without one (no value, or empty)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not SPLIT_NAME.fullmatch(value):
+        raise BadValue("invalid_split", f"split {printable(str(value))[:40]!r} is not a split name (1-32 letters, "
+                                        "digits, '_' or '-', such as train, eval or test)")
+    return value
 
 
 def check_id(value: Any) -> str:
@@ -251,6 +268,7 @@ def record_from_tar_sample(row: int, key: str | None, members: dict[str, bytes],
         check_values(meta)
         if isinstance(meta.get("id"), str):   # documented: the json's string id, or else the key
             sample_id = check_id(meta.pop("id"))
+        split = check_split(meta.pop("split", None))
     except BadValue as e:
         return Record(row=row, id=key, error=f"{where}: {e}", error_reason=e.reason)
     pick = lambda suffixes: next((members[s] for s in suffixes if s in members), None)  # noqa: E731
@@ -262,5 +280,6 @@ def record_from_tar_sample(row: int, key: str | None, members: dict[str, bytes],
         image=pick(IMAGE_SUFFIXES),
         audio=pick(AUDIO_SUFFIXES),
         label=label.decode("utf-8", "replace").strip() if label is not None else meta.pop("label", None),
+        split=split,
         meta={**meta, "source": {"tar": url, "key": key}},
     )

@@ -15,15 +15,19 @@ from mmdata.shards import INDEX_SCHEMA
 
 
 def index_schema(format_version: int) -> pa.Schema:
-    """The index schema of a format version: v1 is v2 without members' crc32."""
-    if format_version >= 2:
+    """The index schema of a format version: v2 is v3 without the split column, v1 is v2 without members'
+    crc32."""
+    if format_version >= 3:
         return INDEX_SCHEMA
-    members = INDEX_SCHEMA.field("members")
+    schema = INDEX_SCHEMA.remove(INDEX_SCHEMA.get_field_index("split"))
+    if format_version == 2:
+        return schema
+    members = schema.field("members")
     fields = [f for f in members.type.value_type if f.name != "crc32"]
-    return INDEX_SCHEMA.set(INDEX_SCHEMA.get_field_index("members"), pa.field("members", pa.list_(pa.struct(fields))))
+    return schema.set(schema.get_field_index("members"), pa.field("members", pa.list_(pa.struct(fields))))
 
 
-NULLABLE = ("n_tokens", "image_width", "image_height", "audio_frames", "label")   # null when absent
+NULLABLE = ("n_tokens", "image_width", "image_height", "audio_frames", "label", "split")   # null when absent
 
 
 def null_count(column: pa.ChunkedArray) -> int:

@@ -32,7 +32,8 @@ def check_payloads(d: DatasetDescription, shard: str, index: str, data: bytes, r
             problems.append(f"{shard}: {rows.member(i)}: crc32 {actual[i]:08x}, {index} says {rows.crc32[i]:08x}: "
                             "its bytes changed after it was written; rebuild the dataset")
         ok &= ~changed
-    columns = {c: rows.column(c) for c in ("id", "row", "label", "n_tokens", "audio_frames")}
+    columns = {c: rows.column(c) for c in ("id", "row", "label", "split", "n_tokens", "audio_frames")
+               if c in rows.table.column_names}
     row_of = rows.row_of.tolist()
     flag(problems, shard, ok & (rows.order == len(ORDER)), rows.member,
          "not a member of the format (see docs/format.md)")
@@ -55,7 +56,7 @@ def check_json(d: DatasetDescription, ext: str, payload: memoryview, columns: di
         return f"not valid JSON ({one_line(e)})"
     if not isinstance(doc, dict):
         return "not a JSON object"
-    for name in ("id", "row", "label"):
+    for name in ("id", "row", "label", "split") if d.format_version >= 3 else ("id", "row", "label"):
         if doc.get(name) != columns[name][r]:
             return f"has {name} {doc.get(name)!r}, the index says {columns[name][r]!r}"
     return None

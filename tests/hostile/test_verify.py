@@ -170,7 +170,7 @@ def test_an_index_that_is_not_parquet_is_one_line(copy, capsys):
     lambda text: "\udcff",                                         # not UTF-8 at all
     lambda text: "[]",                                             # not an object
     lambda text: "[" * 100_000 + "]" * 100_000,                    # nested too deep for json
-    lambda text: text.replace('"format_version": 2', '"format_version": 3'),
+    lambda text: text.replace('"format_version": 3', '"format_version": 4'),
     lambda text: text.replace('"name": "shard-000001.tar"', '"name": "../../etc/passwd"'),
 ])
 def test_a_damaged_dataset_json_is_one_error_line_for_verify_and_info(copy, capsys, damage):

@@ -71,12 +71,12 @@ def test_incomplete_unparsable_and_other_versions_are_refused(demo_dataset, tmp_
             load_description(str(tmp_path))
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_every_readable_format_version_is_read_and_recorded(demo_dataset, tmp_path, version):
     copy = tmp_path / "copy"
     shutil.copytree(demo_dataset, copy)
     doc = json.loads((copy / "dataset.json").read_text())
-    assert doc["format_version"] == FORMAT_VERSION == 2        # what preprocessing writes
+    assert doc["format_version"] == FORMAT_VERSION == 3        # what preprocessing writes
     (copy / "dataset.json").write_text(json.dumps({**doc, "format_version": version}))
     assert load_description(str(copy)).format_version == version
 

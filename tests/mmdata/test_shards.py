@@ -29,8 +29,9 @@ def test_the_sample_json_from_cached_infos_is_the_whole_document_dumped():
              "audio": {"duration": 2.0000000001, "samples": 32000, "clipped": 3}}
     for meta in (None, {"z": [1, 2.5, "é"], "a": {"y": None, "b": "\u2028"}}, "plain"):
         for label in (None, 0, 5):
-            record = Record(row=3, id="ïd/1 \"q\"", text="t", meta=meta)
+            record = Record(row=3, id="ïd/1 \"q\"", text="t", meta=meta, split="eval" if label else None)
             for kept in (infos, {"image": infos["image"]}):
-                expected = dump({"id": record.id, "row": record.row, "label": label, "meta": meta, **kept})
+                expected = dump({"id": record.id, "row": record.row, "label": label, "split": record.split,
+                                 "meta": meta, **kept})
                 built = cached_sample_json(record, label, {m: dump(i) for m, i in kept.items()})
                 assert built == expected.encode("utf-8")

@@ -25,7 +25,7 @@ def test_at_least_two_experiments_share_one_data_config():
 
 
 def test_loader_datasets_are_filled_in_not_given(tmp_path):
-    with pytest.raises(ConfigError, match="give exactly one of data.preprocess or data.dataset"):
+    with pytest.raises(ConfigError, match="give exactly one of data.preprocess, data.dataset or data.datasets"):
         load_config(ExperimentConfig, None, [])
     with pytest.raises(ConfigError) as info:
         load_config(ExperimentConfig, None, ["data.dataset=x", "optim.lr=-1"])

@@ -126,6 +126,11 @@ def test_format_metrics_shows_chance_and_n():
     assert any(line.startswith("text->image R@1 ") and "(chance 0.050, n=20)" in line for line in lines)
     assert "uniform 0.333" in lines[-1]
     assert "eval/accuracy" in format_metrics({f"eval/{k}": v for k, v in metrics.items()})
+    # several datasets: the full table over all of them, then one line per dataset
+    several = {**metrics, **{f"{name}/{k}": v for name in ("a", "b") for k, v in metrics.items()}}
+    lines = format_metrics(several).splitlines()
+    assert len(lines) == len(PAIRS) * 7 + 1 + 3 and lines[-3].split()[:3] == ["dataset", "n", "accuracy"]
+    assert lines[-1].split()[:3] == ["b", "20", f"{metrics['accuracy']:.3f}"]
 
 
 def write_jsonl(path, records, tail: str = "") -> None:

@@ -121,22 +121,22 @@ def relabel(dataset, tmp_path, value, names: bool = True):
 
 def test_dataset_facts_refuses_negative_and_huge_labels_when_they_are_used(demo_dataset, tmp_path):
     from mmtrain.data import dataset_facts
-    assert dataset_facts(demo_dataset)["num_classes"] == 6
+    assert dataset_facts([demo_dataset])["num_classes"] == 6
     dataset, key = relabel(demo_dataset, tmp_path / "a", -1)      # a stored -1 is not a missing label
     with pytest.raises(DatasetError, match=rf"dataset {dataset}: sample '{key}' has label -1 in the index"):
-        dataset_facts(dataset)
-    assert dataset_facts(dataset, labels_used=False)["num_classes"] == 6
+        dataset_facts([dataset])
+    assert dataset_facts([dataset], labels_used=False)["num_classes"] == 6
     dataset, key = relabel(demo_dataset, tmp_path / "b", 40, names=False)
-    assert dataset_facts(dataset, max_classes=100)["num_classes"] == 41
+    assert dataset_facts([dataset], max_classes=100)["num_classes"] == 41
     with pytest.raises(ConfigError, match=rf"labels up to 40 \(sample '{key}'\), so a head of 41 classes") as info:
-        dataset_facts(dataset, max_classes=40)
+        dataset_facts([dataset], max_classes=40)
     assert info.value.key == "model.max_classes"
 
 
 def test_image_weights_that_do_not_fit_name_a_key_and_both_shapes(demo_dataset, tmp_path):
     from mmtrain.data import dataset_facts
     from mmtrain.trainer import build_model
-    facts = dataset_facts(demo_dataset)
+    facts = dataset_facts([demo_dataset])
     weights = tmp_path / "vit.pt"
     torch.save(build_model(experiment_config(demo_dataset, tmp_path), facts).encoders["image"].state_dict(), weights)
     config = experiment_config(demo_dataset, tmp_path, "model.dim=64", f"model.image_weights={weights}")
@@ -156,7 +156,7 @@ def test_a_model_too_big_for_memory_is_a_config_error(demo_dataset, tmp_path, mo
                            "you tried to allocate 12000000000000 bytes.")
     monkeypatch.setattr(trainer, "FusionModel", too_big)
     with pytest.raises(ConfigError, match="the model does not fit in memory .* lower model.dim") as info:
-        trainer.build_model(experiment_config(demo_dataset, tmp_path), dataset_facts(demo_dataset))
+        trainer.build_model(experiment_config(demo_dataset, tmp_path), dataset_facts([demo_dataset]))
     assert info.value.key == "model.dim"
 
 

@@ -123,20 +123,20 @@ def test_cnn_image_encoder_with_local_weights_and_grad_accumulation(demo_dataset
     from mmtrain.trainer import build_model
     config = experiment_config(demo_dataset, tmp_path / "a", "model.image_encoder=cnn", "train.steps=3",
                                "optim.grad_accum=2", "data.loader.modalities=[text,image]")
-    model = build_model(config, dataset_facts(demo_dataset))
+    model = build_model(config, dataset_facts([demo_dataset]))
     weights = tmp_path / "resnet.pt"
     torch.save(model.encoders["image"].state_dict(), weights)
     config = experiment_config(demo_dataset, tmp_path / "b", "model.image_encoder=cnn", "train.steps=3",
                                "optim.grad_accum=2", "data.loader.modalities=[text,image]",
                                f"model.image_weights={weights}")
-    rebuilt = build_model(config, dataset_facts(demo_dataset))
+    rebuilt = build_model(config, dataset_facts([demo_dataset]))
     for name, value in model.encoders["image"].state_dict().items():
         assert torch.equal(value, rebuilt.encoders["image"].state_dict()[name]), name
     train(config, setup("cpu"))
     lines = [m for m in metrics_lines(tmp_path / "b") if "loss" in m]
     assert [m["step"] for m in lines] == [1, 2, 3] and all(m["loss"] == m["loss"] for m in lines)
-    from mmtrain.data import train_loader
-    per_epoch = len(train_loader(config, demo_dataset, setup("cpu")))
+    from mmtrain.data import Source, train_loader
+    per_epoch = len(train_loader(config, [Source("demo", demo_dataset)], setup("cpu")))
     loader = checkpoint.load(checkpoint.latest(tmp_path / "b"))[0]["loader"]
     assert loader["epoch"] * per_epoch + loader["consumed"] // 8 == 3 * 2   # 3 steps x 2 micro-batches
 
