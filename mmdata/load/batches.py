@@ -79,11 +79,15 @@ class EpochBatches(IterableDataset):
                 self.slots.forget_unsent(worker)
         if self._reader is None:
             self._reader = ShardReader(self.plan.config.read)
+        self._reader.forget_plan()   # what an earlier pass planned and did not take (it left mid-epoch)
         sequence = self.epoch_sequence(epoch, layouts)
         layout = layouts[-1]
         messages = worker_messages(first, self.plan.batches(layout), worker, workers, self.plan.batches_per_message)
         for group in message_groups(messages, max(1, LOOKUP_SAMPLES // self.plan.config.batch_size)):
-            places = iter(self.places_of([b for batches in group for b in batches], layout, sequence))
+            looked_up = self.places_of([b for batches in group for b in batches], layout, sequence)
+            self._reader.plan(*(sum((getattr(p, name) for _, p in looked_up), [])
+                                for name in ("url", "offsets", "sizes", "shard_bytes")))
+            places = iter(looked_up)
             for batches in group:
                 batches = [(b, *next(places)) for b in batches]
                 if info is None:   # in the main process: nothing to send

@@ -3,7 +3,9 @@
     read(url, [(offset, size), ...], shard_bytes)   -> ranges merged into spans, one read_span each
       local path / file://  -> a read-only mapping (LRU of 64), each range a slice of it;
                                or neighbouring members in one os.pread where the filesystem cannot map
-      remote, no cache_dir  -> ranges within 64 KiB merged -> fs.cat_file(start, end), timed out + retried
+      remote, no cache_dir  -> a sample's ranges within 64 KiB merged -> fs.cat_file(start, end), timed out +
+                               retried; up to read.inflight requests at once, planned ahead from the epoch
+                               order (``plan``) and handed out in order
       remote, cache_dir     -> whole shard downloaded once (tmp file + os.replace) -> pread
 
 One ShardReader per DataLoader worker: it holds file descriptors and a small
@@ -21,7 +23,7 @@ import mmap
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ from mmdata.config import require
 MAX_OPEN_FILES = 64
 POOL_THREADS = 4
 MERGE_GAP = 64 * 1024          # members of one sample sit a tar header apart: one request beats several
+JOIN_GAP = 8 * 1024            # planned samples this close in a shard share a request (headers, json, text between)
+MAX_REQUEST = 4 * 1024 * 1024  # and a request grows to at most this: many stay in flight, the first come soon
 Bytes = bytes | memoryview
 ADJACENT = 1024                # less than a tar header + padding apart: neighbouring members, one pread
 DOWNLOAD_CHUNK = 8 * 1024 * 1024
@@ -49,6 +53,8 @@ class ReadConfig:
     backoff_s: float = 0.5
     storage_options: dict = field(default_factory=dict)   # fsspec options: endpoint_url, key, secret...
     mmap: bool = True              # map local shards read-only: reads are slices, not copies (docs/loader.md)
+    inflight: int = 32             # remote range requests in flight at once, per worker: latency hides behind them
+    read_ahead_bytes: int = 64 << 20   # bytes of upcoming samples a worker requests before it needs them
 
     def validate(self) -> None:
         require(self.cache_bytes >= 0, "cache_bytes", f"must be >= 0; got {self.cache_bytes}")
@@ -58,6 +64,8 @@ class ReadConfig:
         require(self.timeout_s > 0, "timeout_s", f"must be positive; got {self.timeout_s}")
         require(self.retries >= 0, "retries", f"must be >= 0; got {self.retries}")
         require(self.backoff_s >= 0, "backoff_s", f"must be >= 0; got {self.backoff_s}")
+        require(1 <= self.inflight <= 1024, "inflight", f"must be between 1 and 1024; got {self.inflight}")
+        require(self.read_ahead_bytes >= 0, "read_ahead_bytes", f"must be >= 0; got {self.read_ahead_bytes}")
 
 
 class ShardReadError(Exception):
@@ -124,6 +132,20 @@ class ShardReader:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._maps: OrderedDict[str, memoryview | None] = OrderedDict()
         self._pool: futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        # remote range reads planned ahead: spans not yet requested, in the order batches will need them, and
+        # requested ones not yet taken (by span; a span can come twice, e.g. a padded epoch's repeats)
+        self._fetcher: futures.ThreadPoolExecutor | None = None
+        self._planned: deque[Request] = deque()
+        self._spans: dict[tuple[str, int, int], deque[Request]] = {}
+        self._ahead_bytes = 0
+
+    def __getstate__(self) -> dict:
+        """Only the config travels (to DataLoader workers): files, pools and plans belong to one process."""
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"])
 
     def read(self, url: str, ranges: list[tuple[int, int]], shard_bytes: int | None = None) -> list[Bytes]:
         """Bytes of each (offset, size) range of the shard at url: memoryview slices of merged spans
@@ -141,13 +163,8 @@ class ShardReader:
                     raise beyond_shard(url, offset, offset + size, f"{len(mapped)} bytes")
                 views.append(view)
             return views
-        out: list[Bytes] = [b""] * len(ranges)
-        for start, end, indices in merge_ranges(ranges, self.merge_gap(url)):
-            span = memoryview(self.read_span(url, start, end, shard_bytes))
-            for i in indices:
-                offset, size = ranges[i]
-                out[i] = span[offset - start: offset - start + size]
-        return out
+        spans = merge_ranges(ranges, self.merge_gap(url))
+        return cut(ranges, spans, [self.read_span(url, start, end, shard_bytes) for start, end, _ in spans])
 
     def read_batch(self, urls: list[str], offsets: list[list[int]], sizes: list[list[int]], ends: list[int],
                    shard_bytes: list[int]) -> list[list[Bytes] | ShardReadError]:
@@ -163,20 +180,119 @@ class ShardReader:
             mapped = maps.get(url)
             if mapped is not None and mapped.obj.size() != len(mapped):
                 del maps[url]                # read() below reopens it, and open_shard names what changed
-        out: list[list[Bytes] | ShardReadError] = []
+        out: list = []
+        pending = []   # remote range reads: every one of the batch requested before any is waited for
         for url, starts, lengths, end, total in zip(urls, offsets, sizes, ends, shard_bytes):
             mapped = maps.get(url)
             if mapped is not None and end <= len(mapped):
                 out.append([mapped[o: o + n] for o, n in zip(starts, lengths)])
                 continue
+            if starts and self.ranged(url):
+                ranges = list(zip(starts, lengths))
+                spans = merge_ranges(ranges, MERGE_GAP)
+                pending.append((len(out), ranges, spans, [self.take(url, a, b, total) for a, b, _ in spans]))
+                out.append(None)
+                continue
             try:
                 out.append(self.read(url, list(zip(starts, lengths)), total) if starts else [])
             except ShardReadError as e:
                 out.append(e)
+        for j, ranges, spans, requested in pending:
+            try:
+                out[j] = cut(ranges, spans, [f.result() for f in requested])
+            except ShardReadError as e:
+                out[j] = e
         for url in shards:                   # least recently used order, once per shard
             if url in maps:
                 maps.move_to_end(url)
         return out
+
+    def ranged(self, url: str) -> bool:
+        """Whether reads of ``url`` are remote range requests (object storage or HTTP without cache_dir)."""
+        return not self.config.cache_dir and not storage.is_local(url)
+
+    def plan(self, urls: list[str], offsets: list[list[int]], sizes: list[list[int]],
+             shard_bytes: list[int]) -> None:
+        """The samples the next batches will read, in order. Their remote spans are joined into requests
+        where they lie within JOIN_GAP of each other in a shard (members the plan does not read lie between
+        them), at most MAX_REQUEST bytes each, and requested ahead in the order the batches need them, up to
+        read.read_ahead_bytes: each request's latency passes while earlier batches decode."""
+        wanted: list[tuple[str, int, int, int | None]] = []
+        for url, starts, lengths, total in zip(urls, offsets, sizes, shard_bytes):
+            if starts and self.ranged(url):
+                wanted += [(url, a, b, total) for a, b, _ in merge_ranges(list(zip(starts, lengths)), MERGE_GAP)]
+        if not wanted:
+            return
+        requests: dict[int, Request] = {}   # the request of each wanted span, by its place in ``wanted``
+        by_shard: dict[str, list[int]] = {}
+        for i, (url, _, _, _) in enumerate(wanted):
+            by_shard.setdefault(url, []).append(i)
+        for url, places in by_shard.items():
+            request = None
+            for i in sorted(places, key=lambda i: (wanted[i][1], wanted[i][2])):
+                _, start, end, total = wanted[i]
+                if request is None or start > request.end + JOIN_GAP or max(end, request.end) - request.start > MAX_REQUEST:
+                    request = Request(url, start, end, total)
+                request.end = max(request.end, end)
+                request.waiting += 1
+                requests[i] = request
+        seen: set[int] = set()
+        for i, (url, start, end, _) in enumerate(wanted):
+            request = requests[i]
+            self._spans.setdefault((url, start, end), deque()).append(request)
+            if id(request) not in seen:     # requested in the order of the first batch that needs each
+                seen.add(id(request))
+                self._planned.append(request)
+        self._request_ahead()
+
+    def forget_plan(self) -> None:
+        """Drop what was planned (an epoch left before its end, a resume elsewhere in the order)."""
+        for requests in self._spans.values():
+            for request in requests:
+                if request.future is not None:
+                    request.future.cancel()
+        self._planned.clear()
+        self._spans.clear()
+        self._ahead_bytes = 0
+
+    def take(self, url: str, start: int, end: int, shard_bytes: int | None) -> "Part":
+        """Span [start, end) of ``url``: from the request planned for it, else from a request of its own."""
+        planned = self._spans.get((url, start, end))
+        if not planned:
+            request = Request(url, start, end, shard_bytes, waiting=1)
+            request.future = self._fetch_pool().submit(self.read_span, url, start, end, shard_bytes)
+            return Part(request, start, end)
+        request = planned.popleft()
+        if not planned:
+            del self._spans[(url, start, end)]
+        while request.future is None and self._planned:   # planned in the order batches take them: it is near
+            self._request(self._planned.popleft())
+        self._request(request)
+        request.waiting -= 1
+        if not request.waiting:
+            self._ahead_bytes -= request.end - request.start
+        self._request_ahead()
+        return Part(request, start, end)
+
+    def _request_ahead(self) -> None:
+        limit = self.config.read_ahead_bytes
+        while self._planned and (self._ahead_bytes < limit or self._planned[0].future is not None):
+            if self._planned[0].future is not None:   # already requested for a batch that needed it early
+                self._planned.popleft()
+                continue
+            self._request(self._planned.popleft())
+
+    def _request(self, request: "Request") -> None:
+        if request.future is None:
+            request.future = self._fetch_pool().submit(self.read_span, request.url, request.start, request.end,
+                                                       request.shard_bytes)
+            self._ahead_bytes += request.end - request.start
+
+    def _fetch_pool(self) -> futures.ThreadPoolExecutor:
+        if self._fetcher is None:
+            self._fetcher = futures.ThreadPoolExecutor(max_workers=self.config.inflight,
+                                                       thread_name_prefix="mmdata-fetch")
+        return self._fetcher
 
     def merge_gap(self, url: str) -> int:
         """Ranges closer than this are read at once: on disk only neighbouring members (so members
@@ -203,7 +319,11 @@ class ShardReader:
         while self._fds:
             os.close(self._fds.popitem()[1])
         self._maps.clear()   # each mapping goes once no slice of it is alive
-        self._discard_pool()
+        self.forget_plan()
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=False, cancel_futures=True)
+            self._fetcher = None
+        self._discard_pool(cancel=True)
 
     # -- local files and cached copies
 
@@ -308,25 +428,65 @@ class ShardReader:
     def _attempt(self, fn):
         """One try in the pool, so that a hung connection costs timeout_s instead of the whole job."""
         cancel = threading.Event()
-        future = self._executor().submit(fn, cancel)
+        pool = self._executor()
+        future = pool.submit(fn, cancel)
         done, _ = futures.wait([future], timeout=self.config.timeout_s)
         if not done:
             cancel.set()
-            self._discard_pool()
+            self._discard_pool(pool)
             raise _Stalled(f"timeout: stalled for more than {self.config.timeout_s:g} s")
         return future.result()
 
     def _executor(self) -> futures.ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = futures.ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="mmdata-read")
-        return self._pool
+        with self._pool_lock:   # the fetch threads make attempts at once
+            if self._pool is None:
+                self._pool = futures.ThreadPoolExecutor(max_workers=POOL_THREADS + self.config.inflight,
+                                                        thread_name_prefix="mmdata-read")
+            return self._pool
 
-    def _discard_pool(self) -> None:
-        """Drop the pool without waiting: a stalled thread keeps its slot until its call returns,
-        and later attempts must not queue behind it (they would time out without having started)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    def _discard_pool(self, stalled: futures.ThreadPoolExecutor | None = None, cancel: bool = False) -> None:
+        """Drop the pool (the one an attempt ``stalled`` in, if it is still the current one) without waiting:
+        a stalled thread keeps its slot until its call returns, and later attempts must not queue behind it
+        (they would time out without having started). Attempts of other fetch threads already queued there
+        still run (``cancel``: they are not wanted, the reader is closing)."""
+        with self._pool_lock:
+            if self._pool is not None and (stalled is None or stalled is self._pool):
+                self._pool.shutdown(wait=False, cancel_futures=cancel)
+                self._pool = None
+
+
+@dataclass
+class Request:
+    """One remote range request, covering the spans of one or more planned samples."""
+    url: str
+    start: int
+    end: int
+    shard_bytes: int | None
+    waiting: int = 0                       # its spans not yet taken by a batch
+    future: futures.Future | None = None   # None until requested
+
+
+@dataclass
+class Part:
+    """A span's bytes within a request: ``result()`` waits for the request and slices them out."""
+    request: Request
+    start: int
+    end: int
+
+    def result(self) -> Bytes:
+        data = memoryview(self.request.future.result())
+        return data[self.start - self.request.start: self.end - self.request.start]
+
+
+def cut(ranges: list[tuple[int, int]], spans: list[tuple[int, int, list[int]]], data: list[Bytes]) -> list[Bytes]:
+    """Each range's bytes, sliced from the spans (``merge_ranges``) that were read for them."""
+    out: list[Bytes] = [b""] * len(ranges)
+    for (start, _, indices), span in zip(spans, data):
+        view = memoryview(span)
+        for i in indices:
+            offset, size = ranges[i]
+            out[i] = view[offset - start: offset - start + size]
+    return out
 
 
 def open_shard(url: str, path: Path, shard_bytes: int | None) -> int:
