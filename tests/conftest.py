@@ -33,25 +33,12 @@ def demo_dataset(demo_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def s3():
     """A moto S3 server on loopback for the session; yields s3fs storage options for it."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    from helpers import free_port
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.terminate()
-                pytest.fail("moto server did not start")
-            time.sleep(0.2)
-    yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"}
+    from helpers import start_moto
+    started = start_moto()
+    if started is None:
+        pytest.fail("moto server did not start")
+    server, options = started
+    yield options
     server.terminate()
     server.wait(timeout=30)
 

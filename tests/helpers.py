@@ -71,6 +71,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_moto():
+    """A moto S3 server on a free loopback port: (its process, s3fs storage options for it); None when it
+    did not start within a minute."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"}
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.terminate()
+                return None
+            time.sleep(0.2)
+
+
 def make_bucket(options: dict, name: str):
     """Create bucket ``name`` on the test S3 server; returns a boto3 client."""
     import boto3
