@@ -39,6 +39,7 @@ from latency_proxy import LatencyProxy  # noqa: E402
 
 BUCKET = "mm-bench-remote"
 COLD_SAMPLES = 2000
+SETTLE_S = 5
 
 
 class Run(NamedTuple):
@@ -70,6 +71,7 @@ def timed(make_batches, samples_per_pass: int, passes: int, proxy: LatencyProxy)
     close = getattr(batches, "close", None)
     if close:
         close()
+    time.sleep(SETTLE_S)   # requests the closed reader left behind (shard downloads) finish before the next one
     later = (n - at_pass) / (end - pass_end) if pass_end is not None and n > at_pass else float("nan")
     return Run(first, cold or n / (end - start), later, n / (end - start), proxy.body_bytes, proxy.requests)
 

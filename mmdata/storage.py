@@ -7,6 +7,7 @@ object or the new one) and server-side copies.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -58,7 +59,63 @@ def join(url: str, *parts: str) -> str:
 
 
 def filesystem(url: str, storage_options: dict):
-    return fsspec.core.url_to_fs(url, **storage_options)
+    global _closing_at_exit
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    if not _closing_at_exit and getattr(fs, "async_impl", False):
+        atexit.register(close_clients)   # after weakref's own exit hook: runs before it
+        _closing_at_exit = True
+    return fs, path
+
+
+_closing_at_exit = False
+
+
+def close_clients() -> None:
+    """At exit: close this process's storage client sessions (s3fs, fsspec's HTTP) in the event loop that
+    made them, while it still runs. Left to their finalizers, they close during interpreter shutdown
+    from a loop that has stopped, and aiohttp prints "Unclosed client session" to stderr."""
+    from fsspec.asyn import sync
+    for finalizer in client_finalizers():
+        alive = finalizer.detach()          # (object, close_session, (loop, client), kwargs)
+        if not alive or len(alive[2]) != 2:
+            continue
+        loop, client = alive[2]
+        try:
+            if loop is not None and loop.is_running():
+                closing = client.__aexit__ if hasattr(client, "__aexit__") else client.close
+                sync(loop, closing, *((None, None, None) if hasattr(client, "__aexit__") else ()), timeout=5)
+        except Exception:  # noqa: BLE001 - a client that cannot close cleanly at exit is left to the OS
+            pass
+
+
+def client_finalizers() -> list:
+    """The finalizers that close storage clients' sessions (s3fs, fsspec's HTTP, gcsfs, adlfs)."""
+    import weakref
+    found = []
+    for finalizer in list(weakref.finalize._registry):   # noqa: SLF001 - no public way to list finalizers
+        alive = finalizer.peek()            # (object, function, args, kwargs), None once it ran
+        func = alive[1] if alive else None
+        module, name = getattr(func, "__module__", None) or "", getattr(func, "__qualname__", "")
+        if module.startswith(("s3fs", "fsspec", "gcsfs", "adlfs")) and name.endswith("close_session"):
+            found.append(finalizer)
+    return found
+
+
+def forget_inherited_clients() -> None:
+    """In a forked process (a DataLoader worker): let go of the parent's storage clients without closing them.
+
+    s3fs and fsspec's HTTP filesystem close their client sessions from a finalizer. A filesystem object
+    inherited from the parent holds a session bound to the parent's event loop; when the child collects
+    it, the finalizer schedules the close on the child's loop, and asyncio prints "Task exception was
+    never retrieved ... attached to a different loop" (the run still works). The sockets are the
+    parent's to close, so the child drops those finalizers instead of running them, and keeps the objects
+    (collecting an unclosed aiohttp session prints "Unclosed client session"; a worker ends by os._exit).
+    """
+    for finalizer in client_finalizers():
+        _inherited.append(finalizer.detach())
+
+
+_inherited: list = []
 
 
 def exists(url: str, storage_options: dict) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmdata import storage
 from mmdata.load.decode import DecodeError, collate, decode_sample
 from mmdata.load.order import Layout, rank_batch, worker_messages
 from mmdata.load.plan import LoaderError, Plan
@@ -74,6 +75,8 @@ class EpochBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if self._pid != os.getpid():
+            if info is not None:   # a new worker process: the parent's storage clients are not its own
+                storage.forget_inherited_clients()
             self._pid = os.getpid()
             if self.slots is not None and info is not None:
                 self.slots.forget_unsent(worker)

@@ -6,7 +6,9 @@
       remote, no cache_dir  -> a sample's ranges within 64 KiB merged -> fs.cat_file(start, end), timed out +
                                retried; up to read.inflight requests at once, planned ahead from the epoch
                                order (``plan``) and handed out in order
-      remote, cache_dir     -> whole shard downloaded once (tmp file + os.replace) -> pread
+      remote, cache_dir     -> whole shard downloaded once per machine, in the background (a claim file
+                               tells the other workers and ranks; tmp file + os.replace) -> pread; until
+                               it is there, its samples are range reads as above
 
 One ShardReader per DataLoader worker: it holds file descriptors and a small
 thread pool, so the loader creates it inside the worker and nothing is opened
@@ -21,6 +23,7 @@ import errno
 import hashlib
 import mmap
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict, deque
@@ -41,7 +44,8 @@ MAX_REQUEST = 4 * 1024 * 1024  # and a request grows to at most this: many stay 
 Bytes = bytes | memoryview
 ADJACENT = 1024                # less than a tar header + padding apart: neighbouring members, one pread
 DOWNLOAD_CHUNK = 8 * 1024 * 1024
-CACHE_TRIES = 3                # a cached shard evicted by another worker this often means cache_bytes is too small
+DOWNLOADS = 2                  # whole-shard downloads a worker runs at once into the cache
+CLAIM_STALE_S = 60             # a download claim untouched this long (and at least 2 x timeout_s) is taken over
 
 
 @dataclass
@@ -139,6 +143,8 @@ class ShardReader:
         self._planned: deque[Request] = deque()
         self._spans: dict[tuple[str, int, int], deque[Request]] = {}
         self._ahead_bytes = 0
+        self._downloads: dict[str, futures.Future] = {}   # background downloads this reader started
+        self._downloader: futures.ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict:
         """Only the config travels (to DataLoader workers): files, pools and plans belong to one process."""
@@ -208,8 +214,24 @@ class ShardReader:
         return out
 
     def ranged(self, url: str) -> bool:
-        """Whether reads of ``url`` are remote range requests (object storage or HTTP without cache_dir)."""
-        return not self.config.cache_dir and not storage.is_local(url)
+        """Whether reads of ``url`` are remote range requests: object storage or HTTP without cache_dir, or
+        with one while the shard is not in it yet (its download is started, in the background)."""
+        if storage.is_local(url):
+            return False
+        if not self.config.cache_dir:
+            return True
+        path = self.cache_path(url)
+        if path.exists():
+            return False
+        self._start_download(url, path, None)
+        return True
+
+    def cache_path(self, url: str) -> Path:
+        return storage.local_path(self.config.cache_dir) / cache_name(url)
+
+    def wait_for_downloads(self) -> None:
+        """Until the background downloads this reader started have ended (tests, tools)."""
+        futures.wait(list(self._downloads.values()))
 
     def plan(self, urls: list[str], offsets: list[list[int]], sizes: list[list[int]],
              shard_bytes: list[int]) -> None:
@@ -217,6 +239,8 @@ class ShardReader:
         where they lie within JOIN_GAP of each other in a shard (members the plan does not read lie between
         them), at most MAX_REQUEST bytes each, and requested ahead in the order the batches need them, up to
         read.read_ahead_bytes: each request's latency passes while earlier batches decode."""
+        if self.config.cache_dir:   # the shards come down whole: fetching their samples ahead would fetch twice
+            return
         wanted: list[tuple[str, int, int, int | None]] = []
         for url, starts, lengths, total in zip(urls, offsets, sizes, shard_bytes):
             if starts and self.ranged(url):
@@ -320,6 +344,10 @@ class ShardReader:
             os.close(self._fds.popitem()[1])
         self._maps.clear()   # each mapping goes once no slice of it is alive
         self.forget_plan()
+        if self._downloader is not None:   # a download cut short leaves a temporary file and its claim, no shard
+            self._downloader.shutdown(wait=False, cancel_futures=True)
+            self._downloader = None
+        self._downloads.clear()
         if self._fetcher is not None:
             self._fetcher.shutdown(wait=False, cancel_futures=True)
             self._fetcher = None
@@ -364,38 +392,65 @@ class ShardReader:
         return view
 
     def _read_cached(self, url: str, start: int, end: int, shard_bytes: int | None) -> bytes:
-        """Serve from the local copy, downloading it first. Opened per read, not kept: an fd held on a shard
-        that another worker evicted would keep its disk space in use beyond cache_bytes."""
-        path = storage.local_path(self.config.cache_dir) / cache_name(url)
-        for _ in range(CACHE_TRIES):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                self._download(url, path, shard_bytes)
-                continue
-            try:
-                if shard_bytes is not None and os.fstat(fd).st_size != shard_bytes:
-                    self._download(url, path, shard_bytes)   # a stale copy: replace it
-                    continue
-                touch(path)
-                return pread(fd, url, start, end - start)
-            finally:
-                os.close(fd)
-        raise ShardReadError(f"shard {url} was evicted from {self.config.cache_dir} {CACHE_TRIES} times before "
-                             f"it could be read: other workers need the room; raise loader.read.cache_bytes "
-                             f"({worker_name()})")
+        """Serve from the local copy; while there is none, start its download in the background and serve
+        this read by a range request. Opened per read, not kept: an fd held on a shard that another worker
+        evicted would keep its disk space in use beyond cache_bytes."""
+        path = self.cache_path(url)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._start_download(url, path, shard_bytes)
+            return self._read_remote(url, start, end)
+        try:
+            if shard_bytes is not None and os.fstat(fd).st_size != shard_bytes:   # a stale copy: replace it
+                path.unlink(missing_ok=True)
+                self._start_download(url, path, shard_bytes)
+                return self._read_remote(url, start, end)
+            touch(path)
+            return pread(fd, url, start, end - start)
+        finally:
+            os.close(fd)
 
-    def _download(self, url: str, dest: Path, shard_bytes: int | None) -> None:
+    def _start_download(self, url: str, path: Path, shard_bytes: int | None) -> None:
+        """Download the shard into the cache in the background, unless this reader already is. A download
+        that failed is reported here, at the next read of its shard (and tried again after that)."""
+        running = self._downloads.get(url)
+        if running is not None:
+            if not running.done():
+                return
+            del self._downloads[url]
+            error = running.exception()
+            if error is not None:
+                raise error if isinstance(error, ShardReadError) else ShardReadError(
+                    f"shard {url}: download failed: {error} ({worker_name()})")
+        if shard_bytes is not None and shard_bytes > self.config.cache_bytes:
+            raise too_big_to_cache(url, shard_bytes, self.config.cache_bytes)
+        if self._downloader is None:
+            self._downloader = futures.ThreadPoolExecutor(max_workers=DOWNLOADS, thread_name_prefix="mmdata-cache")
+        self._downloads[url] = self._downloader.submit(self._claimed_download, url, path, shard_bytes)
+
+    def _claimed_download(self, url: str, path: Path, shard_bytes: int | None) -> None:
+        """Download the shard unless another process on this machine is: one download per shard per
+        machine, whatever the number of workers and ranks sharing cache_dir."""
+        claim = path.with_name(f".{path.name}.claim")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not take_claim(claim, stale_after=max(CLAIM_STALE_S, 2 * self.config.timeout_s)):
+            return
+        try:
+            if not path.exists():
+                self._download(url, path, shard_bytes, claim)
+        finally:
+            claim.unlink(missing_ok=True)
+
+    def _download(self, url: str, dest: Path, shard_bytes: int | None, claim: Path | None = None) -> None:
         fs, path = storage.filesystem(url, self.config.storage_options)
         size = shard_bytes if shard_bytes is not None else self._retrying(url, "size", lambda _: fs.size(path))
         if size > self.config.cache_bytes:
-            raise ShardReadError(f"shard {url} is {size} bytes, more than read.cache_bytes="
-                                 f"{self.config.cache_bytes}: it cannot be cached; raise loader.read.cache_bytes "
-                                 f"or unset loader.read.cache_dir ({worker_name()})")
+            raise too_big_to_cache(url, size, self.config.cache_bytes)
         dest.parent.mkdir(parents=True, exist_ok=True)
         make_room(dest.parent, size, self.config.cache_bytes)
         self._retrying(url, f"download of the whole shard ({size} bytes)",
-                       lambda cancel: download(fs, path, dest, size, cancel))
+                       lambda cancel: download(fs, path, dest, size, cancel, claim))
 
     # -- remote range reads
 
@@ -541,8 +596,9 @@ def fetch_range(fs, path: str, url: str, start: int, end: int) -> bytes:
         raise truncated(url, start, end, f"the range is not satisfiable ({e})") from None
 
 
-def download(fs, path: str, dest: Path, size: int, cancel: threading.Event) -> None:
-    """Copy a whole object to ``dest`` through a temporary file: a partial download never has the final name."""
+def download(fs, path: str, dest: Path, size: int, cancel: threading.Event, claim: Path | None = None) -> None:
+    """Copy a whole object to ``dest`` through a temporary file: a partial download never has the final name.
+    The ``claim`` file is touched as chunks arrive: a download that stops making progress loses its claim."""
     tmp = storage.temp_path(dest)
     try:
         written = 0
@@ -552,11 +608,57 @@ def download(fs, path: str, dest: Path, size: int, cancel: threading.Event) -> N
                     return
                 out.write(chunk)
                 written += len(chunk)
+                if claim is not None:
+                    touch(claim)
         if written != size:
             raise OSError(f"downloaded {written} bytes, expected {size}")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def too_big_to_cache(url: str, size: int, cache_bytes: int) -> ShardReadError:
+    return ShardReadError(f"shard {url} is {size} bytes, more than read.cache_bytes={cache_bytes}: it cannot be "
+                          f"cached; raise loader.read.cache_bytes or unset loader.read.cache_dir ({worker_name()})")
+
+
+def take_claim(claim: Path, stale_after: float) -> bool:
+    """Claim the download of a shard for this process (create ``claim`` exclusively); False when another
+    live download holds it. A claim whose process is gone (same machine) or that has not been touched for
+    ``stale_after`` seconds (its downloader hung or its machine died) is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not claim_is_stale(claim, stale_after):
+                return False
+            claim.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def claim_is_stale(claim: Path, stale_after: float) -> bool:
+    try:
+        host, pid = claim.read_text().split()
+        age = time.time() - claim.stat().st_mtime
+    except (FileNotFoundError, ValueError):   # gone, or being written this instant: not stale
+        return False
+    if host == socket.gethostname() and not pid_alive(int(pid)):
+        return True
+    return age > stale_after
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def make_room(folder: Path, needed: int, cache_bytes: int) -> None:

@@ -226,11 +226,65 @@ def test_cache_downloads_once_then_reads_locally(monkeypatch, memory_url, tmp_pa
     url = memory_url("shard-000000.tar")
     cats, opens = count_calls(monkeypatch, "cat_file"), count_calls(monkeypatch, "_open")
     reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000))
-    assert reader.read(url, [(3, 7)], len(DATA)) == [DATA[3:10]]
-    assert [p.name for p in tmp_path.iterdir()] == [cache_name(url)]
+    assert reader.read(url, [(3, 7)], len(DATA)) == [DATA[3:10]]   # a range read while the shard comes down
+    reader.wait_for_downloads()
+    assert [p.name for p in tmp_path.iterdir()] == [cache_name(url)]   # no claim or temporary file left
     used = len(cats) + len(opens)
     assert reader.read(url, [(500, 100), (0, 1)], len(DATA)) == [DATA[500:600], DATA[:1]]
     assert len(cats) + len(opens) == used
+
+
+def test_workers_sharing_a_cache_download_each_shard_once(monkeypatch, memory_url, tmp_path):
+    """Two readers (two workers, or two ranks on one machine) on one cache_dir: one claims the download,
+    the other serves its reads by range meanwhile, then both read the one local copy."""
+    url = memory_url("shard-000007.tar")
+    config = fast(cache_dir=str(tmp_path), cache_bytes=10_000)
+    first, second = ShardReader(config), ShardReader(config)
+    release = threading.Event()
+    original = MemoryFileSystem._open
+
+    def slow_open(self, *args, **kwargs):   # the download is under way while the second reader asks
+        release.wait(5)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(MemoryFileSystem, "_open", slow_open)
+    assert first.read(url, [(0, 4)], len(DATA)) == [DATA[:4]]
+    assert second.read(url, [(8, 4)], len(DATA)) == [DATA[8:12]]   # by range: the claim is the first's
+    assert f".{cache_name(url)}.claim" in [p.name for p in tmp_path.iterdir()]
+    release.set()
+    first.wait_for_downloads()
+    second.wait_for_downloads()
+    monkeypatch.setattr(MemoryFileSystem, "_open", original)
+    opens = count_calls(monkeypatch, "_open")
+    cats = count_calls(monkeypatch, "cat_file")
+    assert second.read(url, [(100, 4)], len(DATA)) == [DATA[100:104]]
+    assert [p.name for p in tmp_path.iterdir()] == [cache_name(url)] and not opens and not cats
+
+
+@pytest.mark.parametrize("claim", ["a dead process here", "a machine that went quiet"])
+def test_a_claim_whose_downloader_is_gone_is_taken_over(memory_url, tmp_path, claim):
+    import socket
+    url = memory_url("shard-000008.tar")
+    stale = tmp_path / f".{cache_name(url)}.claim"
+    if claim == "a dead process here":
+        stale.write_text(f"{socket.gethostname()} {2**22 + 12345}\n")        # no such pid
+    else:
+        stale.write_text("elsewhere 1\n")
+        old = time.time() - 3600
+        os.utime(stale, (old, old))
+    reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000))
+    assert reader.read(url, [(0, 4)], len(DATA)) == [DATA[:4]]
+    reader.wait_for_downloads()
+    assert [p.name for p in tmp_path.iterdir()] == [cache_name(url)]
+
+
+def test_a_live_claim_is_left_alone(memory_url, tmp_path):
+    url = memory_url("shard-000009.tar")
+    live = tmp_path / f".{cache_name(url)}.claim"
+    live.write_text("elsewhere 1\n")          # another machine's download, touched just now
+    reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000))
+    assert reader.read(url, [(0, 4)], len(DATA)) == [DATA[:4]]
+    reader.wait_for_downloads()
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]   # no second download of it
 
 
 def test_cache_evicts_least_recently_used(memory_url, tmp_path):
@@ -238,14 +292,18 @@ def test_cache_evicts_least_recently_used(memory_url, tmp_path):
     reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=2 * len(DATA) + 100))
     for url in (a, b, a, c):     # b is the least recently used when c arrives
         assert reader.read(url, [(0, 4)], len(DATA)) == [DATA[:4]]
+        reader.wait_for_downloads()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache_name(a), cache_name(c)])
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= reader.config.cache_bytes
 
 
 def test_cache_discards_a_download_of_the_wrong_size(memory_url, tmp_path):
     url = memory_url("shard-000005.tar", DATA[:1000])
+    reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000, retries=1))
+    assert reader.read(url, [(0, 4)], len(DATA)) == [DATA[:4]]   # by range, while the download goes wrong
+    reader.wait_for_downloads()
     with pytest.raises(ShardReadError, match="downloaded 1000 bytes, expected 1024") as e:
-        ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000, retries=1)).read(url, [(0, 4)], len(DATA))
+        reader.read(url, [(0, 4)], len(DATA))                    # the next read of the shard says so
     assert "2 attempts" in str(e.value)
     assert list(tmp_path.iterdir()) == []   # neither the final name nor a leftover temporary file
 
@@ -253,7 +311,7 @@ def test_cache_discards_a_download_of_the_wrong_size(memory_url, tmp_path):
 def test_cache_refuses_a_shard_bigger_than_cache_bytes(memory_url, tmp_path):
     url = memory_url("shard-000006.tar")
     with pytest.raises(ShardReadError, match="cache_bytes") as e:
-        ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=512)).read(url, [(0, 4)])
+        ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=512)).read(url, [(0, 4)], len(DATA))
     assert url in str(e.value) and "1024 bytes" in str(e.value)
 
 
@@ -272,6 +330,7 @@ def test_s3_range_reads_with_and_without_cache(s3, tmp_path):
                    fast(storage_options=options, cache_dir=str(tmp_path), cache_bytes=10_000)):
         reader = ShardReader(config)
         assert reader.read(url, ranges, len(DATA)) == expected
+        reader.wait_for_downloads()
         assert reader.read(url, ranges) == expected
         reader.close()
     assert os.listdir(tmp_path) == [cache_name(url)]
