@@ -153,6 +153,24 @@ def read_bytes(url: str, storage_options: dict) -> bytes:
     return fs.cat_file(path)
 
 
+def read_many(urls: list[str], storage_options: dict) -> list[bytes]:
+    """Each file's bytes, in order. Remote ones are fetched concurrently (fsspec's ``cat`` of a list: one
+    event loop, many requests in flight), so that a dataset of thousands of shards does not pay a round
+    trip per index file one after another before its first batch."""
+    remote = [u for u in urls if not is_local(u)]
+    fetched: dict[str, bytes] = {}
+    if remote:
+        fs, _ = filesystem(remote[0], storage_options)
+        paths = {u: fsspec.core.url_to_fs(u, **storage_options)[1] for u in remote}
+        one_store = len({u.split("://", 1)[0] for u in remote}) == 1
+        if len(remote) > 1 and one_store and getattr(fs, "async_impl", False):
+            found = fs.cat(list(paths.values()), on_error="raise")
+            fetched = {u: found[p] for u, p in paths.items()}
+        else:
+            fetched = {u: read_bytes(u, storage_options) for u in remote}
+    return [fetched[u] if u in fetched else read_bytes(u, storage_options) for u in urls]
+
+
 def read_json(url: str, storage_options: dict):
     return json.loads(read_bytes(url, storage_options))
 

@@ -86,10 +86,15 @@ class EpochBatches(IterableDataset):
         sequence = self.epoch_sequence(epoch, layouts)
         layout = layouts[-1]
         messages = worker_messages(first, self.plan.batches(layout), worker, workers, self.plan.batches_per_message)
+        first_group = True
         for group in message_groups(messages, max(1, LOOKUP_SAMPLES // self.plan.config.batch_size)):
             looked_up = self.places_of([b for batches in group for b in batches], layout, sequence)
-            self._reader.plan(*(sum((getattr(p, name) for _, p in looked_up), [])
-                                for name in ("url", "offsets", "sizes", "shard_bytes")))
+            # the first batch is planned on its own: its requests hold only its samples, so it comes soon
+            first_batch = 1 if first_group else 0
+            for part in (looked_up[:first_batch], looked_up[first_batch:]):
+                self._reader.plan(*(sum((getattr(p, name) for _, p in part), [])
+                                    for name in ("url", "offsets", "sizes", "shard_bytes")))
+            first_group = False
             places = iter(looked_up)
             for batches in group:
                 batches = [(b, *next(places)) for b in batches]

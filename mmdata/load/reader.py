@@ -255,7 +255,9 @@ class ShardReader:
             request = None
             for i in sorted(places, key=lambda i: (wanted[i][1], wanted[i][2])):
                 _, start, end, total = wanted[i]
-                if request is None or start > request.end + JOIN_GAP or max(end, request.end) - request.start > MAX_REQUEST:
+                joins = (request is not None and start <= request.end + JOIN_GAP
+                         and max(end, request.end) - request.start <= MAX_REQUEST)
+                if not joins:
                     request = Request(url, start, end, total)
                 request.end = max(request.end, end)
                 request.waiting += 1

@@ -60,8 +60,7 @@ def test_two_datasets_are_mixed_by_weight_and_evaluated_together_and_each_alone(
 
 
 @pytest.mark.parametrize("override, setting", [("image.size=16", "image.size"),
-                                               ("text.vocab_size=100", "text.tokenizer sha256"),
-                                               ("audio.n_mels=16", "audio.n_mels")])
+                                               ("text.vocab_size=100", "text.tokenizer sha256")])
 def test_datasets_preprocessed_for_another_model_are_refused_naming_the_setting(demo_dir, demo_dataset, tmp_path,
                                                                                 override, setting):
     overrides = [override] if setting == "text.tokenizer sha256" else \
