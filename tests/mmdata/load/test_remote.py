@@ -181,3 +181,10 @@ def test_a_process_that_read_from_s3_exits_without_printing_errors(remote, s3, t
             "print(count(0, False), count(2, True))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["48", "48"] and done.stderr == "", done.stderr[-2000:]
+
+
+def test_the_index_files_are_fetched_at_once_when_the_loader_starts(demo_dataset, remote, proxy, s3):
+    proxy.delay_s = 0.1
+    catalog = load_catalog(remote, through(proxy, s3))
+    assert len(catalog) == len(load_catalog(demo_dataset)) and len(catalog.shard_urls) == 10
+    assert proxy.most_in_flight >= 5     # ten index files, not one round trip after another
