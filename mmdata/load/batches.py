@@ -91,9 +91,9 @@ class EpochBatches(IterableDataset):
             looked_up = self.places_of([b for batches in group for b in batches], layout, sequence)
             # the first batch is planned on its own: its requests hold only its samples, so it comes soon
             first_batch = 1 if first_group else 0
-            for part in (looked_up[:first_batch], looked_up[first_batch:]):
+            for part, first in ((looked_up[:first_batch], True), (looked_up[first_batch:], False)):
                 self._reader.plan(*(sum((getattr(p, name) for _, p in part), [])
-                                    for name in ("url", "offsets", "sizes", "shard_bytes")))
+                                    for name in ("url", "offsets", "sizes", "shard_bytes")), first=first)
             first_group = False
             places = iter(looked_up)
             for batches in group:

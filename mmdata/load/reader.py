@@ -143,6 +143,7 @@ class ShardReader:
         self._planned: deque[Request] = deque()
         self._spans: dict[tuple[str, int, int], deque[Request]] = {}
         self._ahead_bytes = 0
+        self._first: list[futures.Future] = []   # the requests of a first batch, before which nothing else goes
         self._downloads: dict[str, futures.Future] = {}   # background downloads this reader started
         self._downloader: futures.ThreadPoolExecutor | None = None
 
@@ -208,6 +209,8 @@ class ShardReader:
                 out[j] = cut(ranges, spans, [f.result() for f in requested])
             except ShardReadError as e:
                 out[j] = e
+        if pending:
+            self._request_ahead()   # a first batch is in: what was planned after it goes out before it decodes
         for url in shards:                   # least recently used order, once per shard
             if url in maps:
                 maps.move_to_end(url)
@@ -234,11 +237,13 @@ class ShardReader:
         futures.wait(list(self._downloads.values()))
 
     def plan(self, urls: list[str], offsets: list[list[int]], sizes: list[list[int]],
-             shard_bytes: list[int]) -> None:
+             shard_bytes: list[int], first: bool = False) -> None:
         """The samples the next batches will read, in order. Their remote spans are joined into requests
         where they lie within JOIN_GAP of each other in a shard (members the plan does not read lie between
         them), at most MAX_REQUEST bytes each, and requested ahead in the order the batches need them, up to
-        read.read_ahead_bytes: each request's latency passes while earlier batches decode."""
+        read.read_ahead_bytes: each request's latency passes while earlier batches decode. ``first``: these
+        samples are needed before any other (a first batch): their requests go out now, and what is planned
+        after them waits until they are answered, so as not to compete with them for the connection."""
         if self.config.cache_dir:   # the shards come down whole: fetching their samples ahead would fetch twice
             return
         wanted: list[tuple[str, int, int, int | None]] = []
@@ -269,6 +274,9 @@ class ShardReader:
             if id(request) not in seen:     # requested in the order of the first batch that needs each
                 seen.add(id(request))
                 self._planned.append(request)
+                if first:
+                    self._request(request)
+                    self._first.append(request.future)
         self._request_ahead()
 
     def forget_plan(self) -> None:
@@ -279,6 +287,7 @@ class ShardReader:
                     request.future.cancel()
         self._planned.clear()
         self._spans.clear()
+        self._first.clear()
         self._ahead_bytes = 0
 
     def take(self, url: str, start: int, end: int, shard_bytes: int | None) -> "Part":
@@ -301,6 +310,10 @@ class ShardReader:
         return Part(request, start, end)
 
     def _request_ahead(self) -> None:
+        if self._first:
+            if not all(f.done() for f in self._first):
+                return
+            self._first.clear()
         limit = self.config.read_ahead_bytes
         while self._planned and (self._ahead_bytes < limit or self._planned[0].future is not None):
             if self._planned[0].future is not None:   # already requested for a batch that needed it early
