@@ -35,7 +35,7 @@ class Catalog:
     audio_frames: np.ndarray         # [n] int32, 0 when absent
     label: np.ndarray                # [n] int64, -1 when absent
     has: dict[str, np.ndarray]       # modality -> [n] bool
-    split: np.ndarray                # [n] int16: the input's split name as a number into split_names, -1 none
+    split: np.ndarray                # [n] int32: the input's split name as a number into split_names, -1 none
     split_names: tuple[str, ...]     # the names the input gave (format v3), e.g. ("eval", "train")
 
     def __len__(self) -> int:
@@ -94,15 +94,13 @@ def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
 
 
 def split_column(table: pa.Table | None, n: int) -> dict:
-    """The split column as small numbers and the names they stand for (2 bytes a sample, not a string);
+    """The split column as numbers and the names they stand for (4 bytes a sample, not a string);
     all -1 for an index without one (format v2 and before)."""
     if not n or "split" not in table.column_names:
-        return {"split": np.full(n, -1, np.int16), "split_names": ()}
+        return {"split": np.full(n, -1, np.int32), "split_names": ()}
     encoded = table.column("split").combine_chunks().dictionary_encode()
     names = tuple(encoded.dictionary.to_pylist())
-    if len(names) > np.iinfo(np.int16).max:
-        raise ValueError(f"the index names {len(names)} splits")   # format.md: a handful of names
-    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int16)
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
     return {"split": codes, "split_names": names}
 
 

@@ -657,13 +657,14 @@ def take_claim(claim: Path, stale_after: float) -> bool:
 
 def claim_is_stale(claim: Path, stale_after: float) -> bool:
     try:
-        host, pid = claim.read_text().split()
         age = time.time() - claim.stat().st_mtime
-    except (FileNotFoundError, ValueError):   # gone, or being written this instant: not stale
+        owner = claim.read_text(errors="replace").split()
+    except OSError:                            # gone meanwhile, or not a file: not ours to take
         return False
-    if host == socket.gethostname() and not pid_alive(int(pid)):
+    here = len(owner) == 2 and owner[0] == socket.gethostname() and owner[1].isdigit() and len(owner[1]) <= 9
+    if here and not pid_alive(int(owner[1])):
         return True
-    return age > stale_after
+    return age > stale_after                   # a claim being written, or unreadable, expires by age alone
 
 
 def pid_alive(pid: int) -> bool:

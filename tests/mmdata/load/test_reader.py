@@ -260,7 +260,7 @@ def test_workers_sharing_a_cache_download_each_shard_once(monkeypatch, memory_ur
     assert [p.name for p in tmp_path.iterdir()] == [cache_name(url)] and not opens and not cats
 
 
-@pytest.mark.parametrize("claim", ["a dead process here", "a machine that went quiet"])
+@pytest.mark.parametrize("claim", ["a dead process here", "a machine that went quiet", "garbage, long untouched"])
 def test_a_claim_whose_downloader_is_gone_is_taken_over(memory_url, tmp_path, claim):
     import socket
     url = memory_url("shard-000008.tar")
@@ -268,7 +268,7 @@ def test_a_claim_whose_downloader_is_gone_is_taken_over(memory_url, tmp_path, cl
     if claim == "a dead process here":
         stale.write_text(f"{socket.gethostname()} {2**22 + 12345}\n")        # no such pid
     else:
-        stale.write_text("elsewhere 1\n")
+        stale.write_bytes(b"elsewhere 1\n" if claim == "a machine that went quiet" else b"\xff\x00 99999999999999999999")
         old = time.time() - 3600
         os.utime(stale, (old, old))
     reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000))
