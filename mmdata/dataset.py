@@ -201,13 +201,16 @@ class Fields:
 def load_description(dataset: str, storage_options: dict | None = None) -> DatasetDescription:
     """The description of the complete dataset at ``dataset`` (a local path or fsspec URL)."""
     url = storage.join(dataset, DATASET_JSON)
-    if not storage.exists(url, storage_options or {}):
-        raise DatasetError(f"{dataset} is not a complete mmdata dataset: {DATASET_JSON} is missing "
+    missing = DatasetError(f"{dataset} is not a complete mmdata dataset: {DATASET_JSON} is missing "
                            "(it is written last; did `mmdata preprocess` finish?)")
+    if storage.is_local(url) and not storage.exists(url, {}):
+        raise missing
     if storage.is_local(url) and not storage.local_path(url).is_file():   # a FIFO would block the read
         raise DatasetError(f"{url} is not a regular file; rebuild the dataset")
-    try:
-        doc = storage.read_json(url, storage_options or {})
+    try:   # remote: read at once, no existence check first (each is a round trip before the first batch)
+        doc = storage.read_json(url, storage_options or {}, storage.MAX_METADATA_BYTES)
+    except FileNotFoundError:
+        raise missing from None
     except (ValueError, RecursionError) as e:   # UnicodeDecodeError included; RecursionError: nested too deep
         raise DatasetError(f"{url} is not valid JSON ({e}); rebuild the dataset") from None
     except OSError as e:

@@ -146,17 +146,33 @@ def remove(url: str, storage_options: dict) -> None:
         fs.rm_file(path)
 
 
-def read_bytes(url: str, storage_options: dict) -> bytes:
+MAX_METADATA_BYTES = 256 << 20   # dataset.json, one shard's index: far above any real one
+
+
+def read_bytes(url: str, storage_options: dict, limit: int | None = None) -> bytes:
+    """The file's bytes; with ``limit``, an OSError instead of reading more than that (a remote file is
+    asked for its first limit + 1 bytes only: one GET, no size request first)."""
     if is_local(url):
-        return local_path(url).read_bytes()
+        path = local_path(url)
+        if limit is not None and path.stat().st_size > limit:
+            raise too_large(url, limit)
+        return path.read_bytes()
     fs, path = filesystem(url, storage_options)
-    return fs.cat_file(path)
+    data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
+    if limit is not None and len(data) > limit:
+        raise too_large(url, limit)
+    return data
 
 
-def read_many(urls: list[str], storage_options: dict) -> list[bytes]:
-    """Each file's bytes, in order. Remote ones are fetched concurrently (fsspec's ``cat`` of a list: one
-    event loop, many requests in flight), so that a dataset of thousands of shards does not pay a round
-    trip per index file one after another before its first batch."""
+def too_large(url: str, limit: int) -> OSError:
+    return OSError(f"{url} is larger than {limit} bytes, more than mmdata ever writes there; "
+                   "the file is not what it should be (rebuild the dataset)")
+
+
+def read_many(urls: list[str], storage_options: dict, limit: int | None = None) -> list[bytes]:
+    """Each file's bytes, in order. Remote ones are fetched concurrently (one event loop, many requests in
+    flight), so that a dataset of thousands of shards does not pay a round trip per index file one after
+    another before its first batch."""
     remote = [u for u in urls if not is_local(u)]
     fetched: dict[str, bytes] = {}
     if remote:
@@ -164,15 +180,32 @@ def read_many(urls: list[str], storage_options: dict) -> list[bytes]:
         paths = {u: fsspec.core.url_to_fs(u, **storage_options)[1] for u in remote}
         one_store = len({u.split("://", 1)[0] for u in remote}) == 1
         if len(remote) > 1 and one_store and getattr(fs, "async_impl", False):
-            found = fs.cat(list(paths.values()), on_error="raise")
-            fetched = {u: found[p] for u, p in paths.items()}
+            # each file's GET straight away: fs.cat() first asks for every path's metadata (a HEAD each,
+            # one more round trip before the first byte)
+            from fsspec.asyn import sync
+            found = sync(fs.loop, gather_files, fs, list(paths.values()), limit)
+            for url, data in zip(paths, found):
+                if limit is not None and len(data) > limit:
+                    raise too_large(url, limit)
+                fetched[url] = data
         else:
-            fetched = {u: read_bytes(u, storage_options) for u in remote}
-    return [fetched[u] if u in fetched else read_bytes(u, storage_options) for u in urls]
+            fetched = {u: read_bytes(u, storage_options, limit) for u in remote}
+    return [fetched[u] if u in fetched else read_bytes(u, storage_options, limit) for u in urls]
 
 
-def read_json(url: str, storage_options: dict):
-    return json.loads(read_bytes(url, storage_options))
+async def gather_files(fs, paths: list[str], limit: int | None, at_once: int = 64) -> list[bytes]:
+    """Every path's bytes (up to limit + 1 of them) through the async filesystem, ``at_once`` in flight."""
+    import asyncio
+    bound = asyncio.Semaphore(at_once)
+
+    async def one(path: str) -> bytes:
+        async with bound:
+            return await (fs._cat_file(path) if limit is None else fs._cat_file(path, start=0, end=limit + 1))
+    return list(await asyncio.gather(*(one(p) for p in paths)))
+
+
+def read_json(url: str, storage_options: dict, limit: int | None = None):
+    return json.loads(read_bytes(url, storage_options, limit))
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict) -> None:

@@ -103,6 +103,9 @@ class EpochBatches(IterableDataset):
                            for b, positions, where in batches]
                 else:
                     yield self.packed(epoch, batches, layout, worker)
+        # shard downloads this worker started finish before its epoch does: the next pass (or run) finds
+        # them in cache_dir instead of a temporary file abandoned when the workers stop
+        self._reader.wait_for_downloads()
 
     def epoch_sequence(self, epoch: int, layouts: list[Layout]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         key = (epoch, tuple(layouts))

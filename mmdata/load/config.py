@@ -24,6 +24,7 @@ class LoaderConfig:
     shuffle: bool = True
     seed: int = 0
     shuffle_window: int = 4        # shards whose samples are shuffled together
+    shuffle_run: int = 1           # consecutive samples of a shard that stay together (fewer remote requests)
     samples_per_epoch: int = 0     # 0: the selected samples of all datasets
     remainder: str = "drop"        # drop | pad: the last partial global batch
     split: str = "all"             # all | train | eval: by the input's split names where the index has them,
@@ -54,6 +55,7 @@ class LoaderConfig:
         # upper limits: workers allocate whole batches (and a few messages of them) up front
         require(0 < self.batch_size <= 65536, "batch_size", f"must be between 1 and 65536; got {self.batch_size}")
         require(self.shuffle_window > 0, "shuffle_window", f"must be positive; got {self.shuffle_window}")
+        require(0 < self.shuffle_run <= 4096, "shuffle_run", f"must be between 1 and 4096; got {self.shuffle_run}")
         require(self.samples_per_epoch >= 0, "samples_per_epoch", "must be >= 0")
         require_choice(self.remainder, "remainder", ("drop", "pad"))
         require_choice(self.split, "split", ("all", "train", "eval"))

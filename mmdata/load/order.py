@@ -27,8 +27,14 @@ class Source:
     weight: float = 1.0
 
 
-def source_order(source: Source, seed: int, epoch: int, shuffle: bool, window: int, salt: int) -> np.ndarray:
-    """Positions into ``source.rows`` for one pass: shards shuffled, then samples within shard windows."""
+def source_order(source: Source, seed: int, epoch: int, shuffle: bool, window: int, salt: int,
+                 run: int = 1) -> np.ndarray:
+    """Positions into ``source.rows`` for one pass: shards shuffled, then samples within shard windows.
+
+    ``run`` > 1 shuffles runs of that many consecutive samples of a shard instead of single samples: a
+    batch then holds a few runs, each one remote request instead of ``run`` (fewer, larger reads from
+    object storage), at the price of neighbours in a shard often sharing a batch.
+    """
     n = len(source.rows)
     if not shuffle or n == 0:
         return np.arange(n)
@@ -39,12 +45,18 @@ def source_order(source: Source, seed: int, epoch: int, shuffle: bool, window: i
     pieces = []
     for w in range(0, len(shard_order), window):
         members = np.concatenate([np.arange(starts[s], ends[s]) for s in shard_order[w: w + window]])
-        pieces.append(np.random.default_rng([seed, epoch, salt, 1, w]).permutation(members))
+        shuffled = np.random.default_rng([seed, epoch, salt, 1, w])
+        if run == 1:
+            pieces.append(shuffled.permutation(members))
+            continue
+        runs = [r for s in shard_order[w: w + window] for r in np.array_split(
+            np.arange(starts[s], ends[s]), -(-(ends[s] - starts[s]) // run))]
+        pieces += [runs[i] for i in shuffled.permutation(len(runs))]
     return np.concatenate(pieces)
 
 
 def mixed_order(sources: list[Source], seed: int, epoch: int, shuffle: bool, window: int,
-                length: int) -> tuple[np.ndarray, np.ndarray]:
+                length: int, run: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(source index, position in that source's rows) for ``length`` draws.
 
     One source: its order, cut to ``length`` (or followed by further shuffled
@@ -55,7 +67,7 @@ def mixed_order(sources: list[Source], seed: int, epoch: int, shuffle: bool, win
     if len(sources) == 1:
         n = len(sources[0].rows)
         n_passes = max(1, -(-length // n)) if n else 1
-        passes = [source_order(sources[0], seed, epoch if p == 0 else epoch * 1_000_003 + p, shuffle, window, 0)
+        passes = [source_order(sources[0], seed, epoch if p == 0 else epoch * 1_000_003 + p, shuffle, window, 0, run)
                   for p in range(n_passes)]
         order = np.concatenate(passes)[:length]
         return np.zeros(len(order), np.int64), order
@@ -65,7 +77,7 @@ def mixed_order(sources: list[Source], seed: int, epoch: int, shuffle: bool, win
     for i, source in enumerate(sources):
         where = np.flatnonzero(pick == i)
         n = len(source.rows)
-        passes = [source_order(source, seed, epoch * 1_000_003 + p, shuffle, window, 1 + i)
+        passes = [source_order(source, seed, epoch * 1_000_003 + p, shuffle, window, 1 + i, run)
                   for p in range(-(-len(where) // n))] if n else []
         positions[where] = np.concatenate(passes)[: len(where)] if passes else 0
     return pick.astype(np.int64), positions

@@ -40,7 +40,8 @@ class Plan:
     def draws(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(dataset, catalog row, bucketing length or None) of each draw of ``epoch``, in drawing order."""
         c = self.config
-        which, pos = mixed_order(list(self.sources), c.seed, epoch, c.shuffle, c.shuffle_window, self.n_draws)
+        which, pos = mixed_order(list(self.sources), c.seed, epoch, c.shuffle, c.shuffle_window, self.n_draws,
+                                 c.shuffle_run)
         rows = np.empty(len(which), np.int64)
         lengths = np.empty(len(which), np.int64) if c.bucket_by else None
         for i, source in enumerate(self.sources):

@@ -187,6 +187,27 @@ def test_ids_are_sliced_from_the_index_exactly(demo_dataset, kind):
     assert other.ids_of(np.array([0, 1, 3, 9])) == odd.take(np.array([0, 1, 3, 9])).to_pylist()
 
 
+def test_shuffle_run_keeps_runs_of_consecutive_samples_of_a_shard_together():
+    from mmdata.load.order import Source, source_order
+    source = Source(rows=np.arange(30), shard=np.repeat([0, 1, 2], 10), lengths=np.zeros(30, np.int64))
+    single = source_order(source, seed=0, epoch=0, shuffle=True, window=2, salt=0)
+    order = source_order(source, seed=0, epoch=0, shuffle=True, window=2, salt=0, run=4)
+    assert sorted(order.tolist()) == list(range(30)) and order.tolist() != single.tolist()
+    runs = {tuple(r) for s in range(3) for r in np.array_split(np.arange(10 * s, 10 * s + 10), 3)}   # 4, 3, 3
+    at = 0
+    while at < len(order):           # the order is whole runs, one after another
+        run = next(r for r in runs if r[0] == order[at])
+        assert tuple(order[at: at + len(run)].tolist()) == run
+        at += len(run)
+    assert len({i // 10 for i in order[:20].tolist()}) == 2   # runs are shuffled within a window of shards
+
+
+def test_a_loader_with_shuffle_run_gives_every_sample_once(demo_dataset):
+    base = batch_ids(MultimodalLoader(loader_config(demo_dataset)))
+    runs = batch_ids(MultimodalLoader(loader_config(demo_dataset, shuffle_run=3, num_workers=2)))
+    assert runs != base and sorted(i for b in runs for i in b) == sorted(i for b in base for i in b)
+
+
 def test_an_epoch_longer_than_the_dataset_takes_further_shuffled_passes(demo_dataset):
     ids = sorted(all_ids(demo_dataset))
     loader = MultimodalLoader(loader_config(demo_dataset, samples_per_epoch=120, batch_size=4, num_workers=0))

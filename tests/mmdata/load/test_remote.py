@@ -17,6 +17,7 @@ import torch
 from helpers import loader_config, make_bucket
 from latency_proxy import LatencyProxy
 from mmdata import MultimodalLoader
+from mmdata.dataset import DatasetError
 from mmdata.load.catalog import load_catalog
 from mmdata.load.reader import ReadConfig, ShardReader, ShardReadError
 
@@ -188,3 +189,19 @@ def test_the_index_files_are_fetched_at_once_when_the_loader_starts(demo_dataset
     catalog = load_catalog(remote, through(proxy, s3))
     assert len(catalog) == len(load_catalog(demo_dataset)) and len(catalog.shard_urls) == 10
     assert proxy.most_in_flight >= 5     # ten index files, not one round trip after another
+    # one GET per file (dataset.json, ten index files): no existence or size request before any of them
+    assert proxy.requests == 11, proxy.requests
+
+
+def test_a_metadata_file_larger_than_any_mmdata_writes_is_refused_unread(remote, proxy, s3, tmp_path, monkeypatch):
+    from mmdata import storage
+    monkeypatch.setattr(storage, "MAX_METADATA_BYTES", 100)     # far below the real dataset.json
+    with pytest.raises(DatasetError, match=r"dataset.json .*larger than 100 bytes.*rebuild the dataset"):
+        load_catalog(remote, through(proxy, s3))
+    assert proxy.body_bytes <= 101       # it asked for the first 101 bytes only
+    with pytest.raises(DatasetError, match="is not a complete mmdata dataset: dataset.json is missing"):
+        load_catalog(remote + "-not-there", through(proxy, s3))
+    local = tmp_path / "big.json"
+    local.write_bytes(b" " * 101)
+    with pytest.raises(OSError, match="larger than 100 bytes"):
+        storage.read_json(str(local), {}, limit=100)
