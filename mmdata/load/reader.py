@@ -45,6 +45,7 @@ Bytes = bytes | memoryview
 ADJACENT = 1024                # less than a tar header + padding apart: neighbouring members, one pread
 DOWNLOAD_CHUNK = 8 * 1024 * 1024
 DOWNLOADS = 2                  # whole-shard downloads a worker runs at once into the cache
+PREFETCH_SHARDS = 4            # and at most this many started ahead of their first read, running or queued
 CLAIM_STALE_S = 60             # a download claim untouched this long (and at least 2 x timeout_s) is taken over
 
 
@@ -245,6 +246,7 @@ class ShardReader:
         samples are needed before any other (a first batch): their requests go out now, and what is planned
         after them waits until they are answered, so as not to compete with them for the connection."""
         if self.config.cache_dir:   # the shards come down whole: fetching their samples ahead would fetch twice
+            self._prefetch_shards(urls, shard_bytes)
             return
         wanted: list[tuple[str, int, int, int | None]] = []
         for url, starts, lengths, total in zip(urls, offsets, sizes, shard_bytes):
@@ -278,6 +280,23 @@ class ShardReader:
                     self._request(request)
                     self._first.append(request.future)
         self._request_ahead()
+
+    def _prefetch_shards(self, urls: list[str], shard_bytes: list[int]) -> None:
+        """Start downloading the planned samples' shards (the next shuffle window's too) in the order they are
+        needed, so that their samples are read from the cache, not by range requests while a download that
+        started at their first read runs (bytes fetched twice). At most PREFETCH_SHARDS queued at once:
+        the cache is sized for the shards of a window or two per worker (plan.py's preflight)."""
+        queued = sum(not f.done() for f in self._downloads.values())
+        for url, total in dict(zip(urls, shard_bytes)).items():
+            if queued >= PREFETCH_SHARDS:
+                return
+            if storage.is_local(url) or url in self._downloads or self.cache_path(url).exists():
+                continue
+            try:
+                self._start_download(url, self.cache_path(url), total)
+            except ShardReadError:   # too big to cache: the read of its first sample says so
+                continue
+            queued += 1
 
     def forget_plan(self) -> None:
         """Drop what was planned (an epoch left before its end, a resume elsewhere in the order)."""

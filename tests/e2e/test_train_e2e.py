@@ -42,7 +42,7 @@ def write_config(tmp_path: Path, config, name: str) -> Path:
 
 
 def test_sigkill_then_restart_gives_the_same_losses(demo_dataset, tmp_path):
-    args = ("train.steps=60", "train.checkpoint_every=10", "data.loader.num_workers=1")
+    args = ("train.steps=30", "train.checkpoint_every=5", "data.loader.num_workers=1")
     reference = write_config(tmp_path, experiment_config(demo_dataset, tmp_path / "ref", *args), "ref.yaml")
     subprocess.run([sys.executable, "-m", "mmtrain.cli", "train", str(reference)], env=ENV, check=True,
                    capture_output=True, timeout=300)
@@ -51,17 +51,17 @@ def test_sigkill_then_restart_gives_the_same_losses(demo_dataset, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mmtrain.cli", "train", str(killed)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (killed_dir / "checkpoints" / "step-00000020").exists() and time.time() < deadline:
+    while not (killed_dir / "checkpoints" / "step-00000010").exists() and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = sorted(p.name for p in (killed_dir / "checkpoints").glob("step-*"))
-    assert saved and saved[-1] != "step-00000060", "the run should have been killed before it finished"
+    assert saved and saved[-1] != "step-00000030", "the run should have been killed before it finished"
     restart = subprocess.run([sys.executable, "-m", "mmtrain.cli", "train", str(killed)], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert restart.returncode == 0, restart.stderr[-3000:]
     losses = lambda d: [(m["step"], m["loss"]) for m in metrics_lines(d) if "loss" in m]  # noqa: E731
-    assert [s for s, _ in losses(killed_dir)] == list(range(1, 61))
+    assert [s for s, _ in losses(killed_dir)] == list(range(1, 31))
     assert [l for _, l in losses(killed_dir)] == pytest.approx([l for _, l in losses(tmp_path / "ref")], rel=1e-5)
 
 

@@ -376,22 +376,21 @@ def test_no_readable_checkpoint_is_one_line_saying_how_to_start_over(demo_datase
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("overrides, expected", [
-    (["model.dim=64"], "error: model.dim: checkpoint 32, config 64 ("),
-    (["model.text_layers=2", "model.fusion_layers=3"],
-     "error: model.text_layers: checkpoint 1, config 2; model.fusion_layers: checkpoint 1, config 3 ("),
-    (["train.seed=7"], "error: train.seed: checkpoint 0, config 7 ("),
-    (["data.loader.modalities=[text,image]"], "error: data.loader.modalities: checkpoint ['text', 'image', 'audio'], "
-                                              "config ['text', 'image'] ("),
-])
-def test_resuming_with_other_model_settings_names_the_keys(demo_dataset, experiment, tmp_path, capsys,
-                                                           overrides, expected):
+def test_resuming_with_other_model_settings_names_the_keys(demo_dataset, experiment, tmp_path, capsys):
     run_dir = tmp_path / "run"
     make_checkpoints(experiment, demo_dataset, run_dir, capsys, steps=2)
-    code, _, err = run(capsys, train_argv(experiment, demo_dataset, run_dir, "train.steps=4", *overrides))
-    line = error_line(err)
-    assert code == 2 and line.startswith(expected), line
-    assert line.endswith("resume with the checkpoint's settings or use another train.run_dir") and len(line) < 400
+    for overrides, expected in [
+        (["model.dim=64"], "error: model.dim: checkpoint 32, config 64 ("),
+        (["model.text_layers=2", "model.fusion_layers=3"],
+         "error: model.text_layers: checkpoint 1, config 2; model.fusion_layers: checkpoint 1, config 3 ("),
+        (["train.seed=7"], "error: train.seed: checkpoint 0, config 7 ("),
+        (["data.loader.modalities=[text,image]"], "error: data.loader.modalities: checkpoint ['text', 'image', "
+                                                  "'audio'], config ['text', 'image'] ("),
+    ]:
+        code, _, err = run(capsys, train_argv(experiment, demo_dataset, run_dir, "train.steps=4", *overrides))
+        line = error_line(err)
+        assert code == 2 and line.startswith(expected), (overrides, line)
+        assert line.endswith("resume with the checkpoint's settings or use another train.run_dir") and len(line) < 400
     # settings that do not change the model resume
     code, _, err = run(capsys, train_argv(experiment, demo_dataset, run_dir, "train.steps=4", "model.dropout=0.1",
                                           "train.loss=classify", "data.loader.batch_size=4"))

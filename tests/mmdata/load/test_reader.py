@@ -13,7 +13,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from mmdata.config import ConfigError
-from mmdata.load.reader import ReadConfig, ShardReader, ShardReadError, cache_name, merge_ranges
+from mmdata.load.reader import PREFETCH_SHARDS, ReadConfig, ShardReader, ShardReadError, cache_name, merge_ranges
 
 DATA = bytes(range(256)) * 4   # 1024 bytes, every offset distinguishable
 
@@ -258,6 +258,19 @@ def test_workers_sharing_a_cache_download_each_shard_once(monkeypatch, memory_ur
     cats = count_calls(monkeypatch, "cat_file")
     assert second.read(url, [(100, 4)], len(DATA)) == [DATA[100:104]]
     assert [p.name for p in tmp_path.iterdir()] == [cache_name(url)] and not opens and not cats
+
+
+def test_planned_shards_are_downloaded_before_their_first_read(monkeypatch, memory_url, tmp_path):
+    """With a cache, a plan starts its shards' downloads (a few ahead), so that their samples are read from
+    the cache instead of by range requests while a download started at the first read runs."""
+    urls = [memory_url(f"shard-{i:06d}.tar") for i in range(6)]
+    reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=100_000))
+    cats = count_calls(monkeypatch, "cat_file")
+    reader.plan(urls, [[0]] * 6, [[4]] * 6, [len(DATA)] * 6)
+    reader.wait_for_downloads()
+    cached = sorted(p.name for p in tmp_path.iterdir())
+    assert cached == sorted(cache_name(u) for u in urls[:PREFETCH_SHARDS])   # in the order needed, a few ahead
+    assert reader.read(urls[0], [(3, 7)], len(DATA)) == [DATA[3:10]] and not cats   # no range request
 
 
 @pytest.mark.parametrize("claim", ["a dead process here", "a machine that went quiet", "garbage, long untouched"])
