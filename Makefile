@@ -46,7 +46,7 @@ bench-loader: $(STAMP) data/demo/manifest.jsonl
 	$(VENV)/bin/mmdata preprocess pipelines/demo.yaml
 	$(VENV)/bin/mmdata preprocess pipelines/demo.yaml image.size=224 output.name=demo224
 	$(PY) benchmarks/bench_loader.py --dataset data/datasets/demo --dataset data/datasets/demo224 $(ARGS)
-	$(PY) benchmarks/bench_remote.py --dataset data/datasets/demo224
+	$(PY) benchmarks/bench_remote.py --dataset data/datasets/demo224 $(REMOTE_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pyflakes mmdata mmtrain tests benchmarks

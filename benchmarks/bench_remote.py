@@ -10,7 +10,11 @@ the same decode and collate code, batch 64, the same DataLoader worker counts, i
 - mm, range reads: ``loader.read.cache_dir`` unset; each worker requests the byte ranges of its upcoming
   samples ahead of time, many at once;
 - mm, shard cache: ``loader.read.cache_dir`` set (fresh for each run); whole shards downloaded once;
-- plain webdataset over s3fs: each worker streams whole shards (``fs.open``), shuffle buffer 1000.
+- plain webdataset over s3fs: each worker streams whole shards (``fs.open``), shuffle buffer 1000;
+- the peers (``--peers``, on by default), LitData and MosaicML Streaming, each from its own format (the same
+  samples converted once, chunks the mm shards' size, uploaded to the same bucket), shuffle on, a fresh
+  local cache for each run: ``benchmarks/bench_peers.py`` in an environment of their own, ``.bench-peers``
+  (their pins conflict with ours), made on first use: ``--no-peers`` to skip them.
 
 For each: samples/s over the first 2000 samples from a cold start (worker start-up included, as a job pays
 it), over later passes, and overall for ``--passes`` passes; the seconds to the first batch; the bytes the
@@ -21,7 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +49,11 @@ from latency_proxy import LatencyProxy  # noqa: E402
 BUCKET = "mm-bench-remote"
 COLD_SAMPLES = 2000
 SETTLE_S = 5
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_VENV = ROOT / ".bench-peers"
+PEERS_PACKAGES = ["litdata==0.2.76", "mosaicml-streaming==0.13.0"]
+PEERS = {"litdata": "LitData", "mosaic": "MosaicML Streaming"}   # bench_peers.py's name: the table's
+PEER_TIMEOUT_S = 900
 
 
 class Run(NamedTuple):
@@ -51,8 +65,10 @@ class Run(NamedTuple):
     requests: int
 
 
-def timed(make_batches, samples_per_pass: int, passes: int, proxy: LatencyProxy) -> Run:
-    proxy.reset_counts()
+def timed(make_batches, samples_per_pass: int, passes: int, proxy: LatencyProxy | None) -> Run:
+    """``proxy`` None: the counts are the caller's (bench_peers.py, whose proxy is in its parent)."""
+    if proxy:
+        proxy.reset_counts()
     start = time.perf_counter()
     first = cold = pass_end = None
     n = at_pass = 0
@@ -73,7 +89,8 @@ def timed(make_batches, samples_per_pass: int, passes: int, proxy: LatencyProxy)
         close()
     time.sleep(SETTLE_S)   # requests the closed reader left behind (shard downloads) finish before the next one
     later = (n - at_pass) / (end - pass_end) if pass_end is not None and n > at_pass else float("nan")
-    return Run(first, cold or n / (end - start), later, n / (end - start), proxy.body_bytes, proxy.requests)
+    return Run(first, cold or n / (end - start), later, n / (end - start),
+               proxy.body_bytes if proxy else 0, proxy.requests if proxy else 0)
 
 
 def mm_loader(url: str, options: dict, workers: int, batch: int, samples: int, cache_dir: str | None):
@@ -103,14 +120,93 @@ def plain_webdataset(urls: list[str], options: dict, workers: int, batch: int):
     return DataLoader(pipeline, batch_size=None, num_workers=workers)
 
 
-def upload(dataset: str, options: dict) -> str:
+def upload(dataset: str, options: dict, prefix: str = "") -> str:
     import boto3
     import s3fs
-    boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id="k", aws_secret_access_key="s",
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    client = boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id="k",
+                          aws_secret_access_key="s", region_name="us-east-1")
+    if not prefix:
+        client.create_bucket(Bucket=BUCKET)
     name = Path(dataset).resolve().name
-    s3fs.S3FileSystem(**options).put(str(Path(dataset).resolve()), f"{BUCKET}/{name}", recursive=True)
-    return f"s3://{BUCKET}/{name}"
+    s3fs.S3FileSystem(**options).put(str(Path(dataset).resolve()), f"{BUCKET}/{prefix}{name}", recursive=True)
+    return f"s3://{BUCKET}/{prefix}{name}"
+
+
+def last_line(text: str, limit: int | None = 200) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else "no output"
+
+
+def peers_python() -> Path | None:
+    """The python of the peers' environment, ``.bench-peers``, made when missing: our venv's packages under
+    theirs (torch, mmdata's dependencies), litdata and mosaicml-streaming installed on top. None, with a line
+    saying what failed, when it can't be made."""
+    python, ready = PEERS_VENV / "bin" / "python", PEERS_VENV / ".ready"
+    if python.exists() and ready.exists():
+        return python
+    print(f"making the peers' environment {PEERS_VENV.relative_to(ROOT)} ({', '.join(PEERS_PACKAGES)}, "
+          f"with this venv's packages under them; ~1 GB, a minute or two)", flush=True)
+    steps = [("python -m venv", [sys.executable, "-m", "venv", str(PEERS_VENV)]),
+             ("pip install", [str(PEERS_VENV / "bin" / "pip"), "install", "--quiet", *PEERS_PACKAGES])]
+    for what, command in steps:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"  no peers: {what} failed: {e}")
+            return None
+        if done.returncode != 0:
+            print(f"  no peers: {what} failed: {last_line(done.stderr or done.stdout)}")
+            return None
+        if what.endswith("venv"):
+            # our venv's site-packages under theirs (not its .pth files: bench_peers.py finds mmdata itself)
+            site = PEERS_VENV / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+            (site / "mm_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    ready.write_text(" ".join(PEERS_PACKAGES) + "\n")
+    return python
+
+
+def peer_command(python: Path, *args: str) -> tuple[dict | None, str]:
+    """Run bench_peers.py: (the JSON object it ends with, "") or (None, why it failed). Its own process group,
+    so that a run past the limit is ended with its DataLoader workers."""
+    process = subprocess.Popen([str(python), str(ROOT / "benchmarks" / "bench_peers.py"), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=PEER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return None, f"no result within {PEER_TIMEOUT_S} s"
+    if process.returncode != 0 or not out.strip():
+        return None, f"exit {process.returncode}: {last_line(err)}"
+    try:
+        return json.loads(last_line(out, None)), ""
+    except ValueError:
+        return None, f"not a JSON line: {last_line(out)}"
+
+
+def prepare_peers(python: Path, dataset: str, options: dict) -> dict[str, str] | None:
+    """The dataset in each peer's format, converted once (kept in .bench-peers) and uploaded: peer -> URL."""
+    name = Path(dataset).resolve().name
+    out, why = peer_command(python, "convert", "--dataset", dataset, "--out", str(PEERS_VENV / "converted" / name))
+    if out is None:
+        print(f"  no peers: converting {dataset} failed: {why}")
+        return None
+    print(f"  peers' copies: LitData {out['litdata_files']} chunks, {out['litdata_bytes'] / 1e6:.1f} MB; MDS "
+          f"{out['mds_files']} shards, {out['mds_bytes'] / 1e6:.1f} MB (the same members, without tar's headers)")
+    return {"litdata": upload(out["litdata"], options, "litdata/"), "mosaic": upload(out["mds"], options, "mds/")}
+
+
+def peer_run(python: Path, peer: str, url: str, endpoint: str, workers: int, batch: int, passes: int,
+             samples: int, proxy: LatencyProxy) -> Run | str:
+    """One timed run of a peer, in a process of its own that times itself with ``timed``; the proxy's counts
+    from before its start to after its exit (it makes no request before its timed part). A string: why not."""
+    proxy.reset_counts()
+    out, why = peer_command(python, "run", "--peer", peer, "--url", url, "--endpoint", endpoint,
+                            "--workers", str(workers), "--batch", str(batch), "--passes", str(passes),
+                            "--samples", str(samples))
+    if out is None:
+        return why
+    return Run(**{**out, "fetched": proxy.body_bytes, "requests": proxy.requests})
 
 
 def main() -> None:
@@ -120,6 +216,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--delay-ms", type=float, default=20.0)
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also LitData and MosaicML Streaming, from .bench-peers (made when missing)")
     args = parser.parse_args()
     description = json.loads((Path(args.dataset) / "dataset.json").read_text())
     samples = description["totals"]["written"]
@@ -128,27 +226,37 @@ def main() -> None:
     if started is None:
         raise SystemExit("the moto S3 server did not start: is moto[server] installed (pip install -e '.[dev]')?")
     server, options = started
+    scratch = tempfile.mkdtemp(prefix="mm-bench-remote-")   # the shard caches, removed at the end
     try:
         url = upload(args.dataset, options)
+        python = peers_python() if args.peers else None
         shards = [f"{url}/{s['name']}" for s in description["shards"]]
         with LatencyProxy(options["endpoint_url"], delay_s=args.delay_ms / 1000) as proxy:
             through = {**options, "endpoint_url": proxy.url}
             print(f"\nremote: {url} ({samples} samples, {size / 1e6:.1f} MB) behind {args.delay_ms:g} ms per "
                   f"request; batch {args.batch}, {args.passes} passes")
+            peer_urls = prepare_peers(python, args.dataset, options) if python else None
             print(f"  {'reader':30s} {'workers':>7s} {'overall':>8s} {'cold 2000':>9s} {'later':>8s} "
                   f"{'1st batch':>9s} {'fetched':>10s} {'requests':>8s}")
             results = {}
             for workers in args.workers:
                 readers = {
                     "mm, shard cache": lambda: mm_loader(url, through, workers, args.batch, samples * args.passes,
-                                                         tempfile.mkdtemp(prefix="mm-bench-cache-")),
+                                                         tempfile.mkdtemp(prefix="cache-", dir=scratch)),
                     "mm, range reads": lambda: mm_loader(url, through, workers, args.batch, samples * args.passes,
                                                          None),
                     "plain webdataset over s3fs": lambda: plain_webdataset(shards, through, workers, args.batch),
                 }
                 for name, make in readers.items():
-                    r = timed(make, samples, args.passes, proxy)
-                    results[(name, workers)] = r
+                    results[(name, workers)] = timed(make, samples, args.passes, proxy)
+                for peer, peer_url in (peer_urls or {}).items():
+                    results[(PEERS[peer], workers)] = peer_run(python, peer, peer_url, proxy.url, workers,
+                                                                args.batch, args.passes, samples, proxy)
+                for name in [*readers, *(PEERS[peer] for peer in peer_urls or {})]:
+                    r = results[(name, workers)]
+                    if isinstance(r, str):
+                        print(f"  {name:30s} {workers:7d} failed: {r}", flush=True)
+                        continue
                     print(f"  {name:30s} {workers:7d} {r.overall:8.0f} {r.cold:9.0f} {r.later:8.0f} "
                           f"{r.first_batch_s:8.2f}s {r.fetched / 1e6:7.1f} MB {r.requests:8d}", flush=True)
             print("  ratios, mm range reads to the shard cache (overall) and to webdataset (cold 2000):")
@@ -158,9 +266,23 @@ def main() -> None:
                 print(f"    {workers} workers: {ranged.overall / cached.overall:.2f}x cache, "
                       f"{ranged.cold / wds_run.cold:.2f}x webdataset cold; range reads fetched "
                       f"{ranged.fetched / (size * args.passes):.2f}x the dataset per pass")
+            ran = [PEERS[p] for p in peer_urls or {}
+                   if all(isinstance(results[(PEERS[p], w)], Run) for w in args.workers)]
+            if ran:
+                print("  ratios, mm range reads / mm shard cache to the peers, cold 2000 and overall:")
+            for workers in args.workers:
+                ranged, cached = results[("mm, range reads", workers)], results[("mm, shard cache", workers)]
+                parts = []
+                for name in ran:
+                    peer = results[(name, workers)]
+                    parts.append(f"{name} cold {ranged.cold / peer.cold:.2f}x / {cached.cold / peer.cold:.2f}x, "
+                                 f"overall {ranged.overall / peer.overall:.2f}x / {cached.overall / peer.overall:.2f}x")
+                if parts:
+                    print(f"    {workers} workers: " + "; ".join(parts))
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
