@@ -54,6 +54,7 @@ PEERS_VENV = ROOT / ".bench-peers"
 PEERS_PACKAGES = ["litdata==0.2.76", "mosaicml-streaming==0.13.0"]
 PEERS = {"litdata": "LitData", "mosaic": "MosaicML Streaming"}   # bench_peers.py's name: the table's
 PEER_TIMEOUT_S = 900
+RUNS = "mm, range reads, shuffle_run 8"
 
 
 class Run(NamedTuple):
@@ -93,13 +94,14 @@ def timed(make_batches, samples_per_pass: int, passes: int, proxy: LatencyProxy 
                proxy.body_bytes if proxy else 0, proxy.requests if proxy else 0)
 
 
-def mm_loader(url: str, options: dict, workers: int, batch: int, samples: int, cache_dir: str | None):
+def mm_loader(url: str, options: dict, workers: int, batch: int, samples: int, cache_dir: str | None,
+              shuffle_run: int = 1):
     from mmdata.config import from_dict
     from mmdata.load.loader import LoaderConfig, MultimodalLoader
     read = {"storage_options": options, **({"cache_dir": cache_dir, "cache_bytes": 1 << 34} if cache_dir else {})}
     config = from_dict(LoaderConfig, {"datasets": [{"path": url}], "batch_size": batch, "num_workers": workers,
                                       "pin_memory": False, "samples_per_epoch": samples, "read": read,
-                                      "worker_transport": "pickle"})
+                                      "worker_transport": "pickle", "shuffle_run": shuffle_run})
     return MultimodalLoader(config)
 
 
@@ -209,6 +211,36 @@ def peer_run(python: Path, peer: str, url: str, endpoint: str, workers: int, bat
     return Run(**{**out, "fetched": proxy.body_bytes, "requests": proxy.requests})
 
 
+def print_ratios(results: dict, workers_counts: list[int], size: int, passes: int) -> None:
+    """The issue's goals as ratios: range reads to the cache (overall), mm's cold pass to each peer's, and the
+    bytes each mm mode fetched per pass against the dataset's size. A row that did not run is left out."""
+    def got(name, workers):
+        r = results.get((name, workers))
+        return r if isinstance(r, Run) else None
+    peers = ["plain webdataset over s3fs", *PEERS.values()]
+    print("  ratios:")
+    for workers in workers_counts:
+        cache = got("mm, shard cache", workers)
+        parts = []
+        for name in ("mm, range reads", RUNS):
+            ranged = got(name, workers)
+            if ranged and cache:
+                parts.append(f"{name.removeprefix('mm, ')} {ranged.overall / cache.overall:.2f}x the cache overall")
+        for mine in ("mm, shard cache", RUNS):
+            run = got(mine, workers)
+            cold = [f"{run.cold / got(p, workers).cold:.2f}x {p.split(' over')[0]}" for p in peers
+                    if run and got(p, workers)]
+            if cold:
+                parts.append(f"{mine.removeprefix('mm, ')} cold: " + ", ".join(cold))
+        fetched = [f"{name.removeprefix('mm, ')} {got(name, workers).fetched / (size * passes):.2f}x per pass"
+                   for name in ("mm, range reads", RUNS) if got(name, workers)]
+        if cache:
+            fetched.insert(0, f"shard cache {cache.fetched / size:.2f}x in all")
+        if fetched:
+            parts.append("fetched / the dataset: " + ", ".join(fetched))
+        print(f"    {workers} workers: " + "\n                 ".join(parts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="data/datasets/demo224")
@@ -216,6 +248,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--delay-ms", type=float, default=20.0)
+    parser.add_argument("--readers", nargs="+", default=None,
+                        help="only these of mm's and webdataset's rows (their names in the table), e.g. "
+                             "'mm, shard cache'")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also LitData and MosaicML Streaming, from .bench-peers (made when missing)")
     args = parser.parse_args()
@@ -245,8 +280,11 @@ def main() -> None:
                                                          tempfile.mkdtemp(prefix="cache-", dir=scratch)),
                     "mm, range reads": lambda: mm_loader(url, through, workers, args.batch, samples * args.passes,
                                                          None),
+                    RUNS: lambda: mm_loader(url, through, workers, args.batch, samples * args.passes, None,
+                                            shuffle_run=8),
                     "plain webdataset over s3fs": lambda: plain_webdataset(shards, through, workers, args.batch),
                 }
+                readers = {k: v for k, v in readers.items() if not args.readers or k in args.readers}
                 for name, make in readers.items():
                     results[(name, workers)] = timed(make, samples, args.passes, proxy)
                 for peer, peer_url in (peer_urls or {}).items():
@@ -259,26 +297,7 @@ def main() -> None:
                         continue
                     print(f"  {name:30s} {workers:7d} {r.overall:8.0f} {r.cold:9.0f} {r.later:8.0f} "
                           f"{r.first_batch_s:8.2f}s {r.fetched / 1e6:7.1f} MB {r.requests:8d}", flush=True)
-            print("  ratios, mm range reads to the shard cache (overall) and to webdataset (cold 2000):")
-            for workers in args.workers:
-                ranged, cached = results[("mm, range reads", workers)], results[("mm, shard cache", workers)]
-                wds_run = results[("plain webdataset over s3fs", workers)]
-                print(f"    {workers} workers: {ranged.overall / cached.overall:.2f}x cache, "
-                      f"{ranged.cold / wds_run.cold:.2f}x webdataset cold; range reads fetched "
-                      f"{ranged.fetched / (size * args.passes):.2f}x the dataset per pass")
-            ran = [PEERS[p] for p in peer_urls or {}
-                   if all(isinstance(results[(PEERS[p], w)], Run) for w in args.workers)]
-            if ran:
-                print("  ratios, mm range reads / mm shard cache to the peers, cold 2000 and overall:")
-            for workers in args.workers:
-                ranged, cached = results[("mm, range reads", workers)], results[("mm, shard cache", workers)]
-                parts = []
-                for name in ran:
-                    peer = results[(name, workers)]
-                    parts.append(f"{name} cold {ranged.cold / peer.cold:.2f}x / {cached.cold / peer.cold:.2f}x, "
-                                 f"overall {ranged.overall / peer.overall:.2f}x / {cached.overall / peer.overall:.2f}x")
-                if parts:
-                    print(f"    {workers} workers: " + "; ".join(parts))
+            print_ratios(results, args.workers, size, args.passes)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -44,7 +44,9 @@ MAX_REQUEST = 4 * 1024 * 1024  # and a request grows to at most this: many stay 
 Bytes = bytes | memoryview
 ADJACENT = 1024                # less than a tar header + padding apart: neighbouring members, one pread
 DOWNLOAD_CHUNK = 8 * 1024 * 1024
-DOWNLOADS = 2                  # whole-shard downloads a worker runs at once into the cache
+DOWNLOADS = 4                  # whole-shard downloads a worker runs at once into the cache
+WHOLE_FIRST_BYTES = 16 << 20  # with a cache, even a first batch waits for shards this small to come down whole:
+                               # a few large requests beat a range request per sample (below a second per shard)
 PREFETCH_SHARDS = 4            # and at most this many started ahead of their first read, running or queued
 CLAIM_STALE_S = 60             # a download claim untouched this long (and at least 2 x timeout_s) is taken over
 
@@ -146,6 +148,7 @@ class ShardReader:
         self._ahead_bytes = 0
         self._first: list[futures.Future] = []   # the requests of a first batch, before which nothing else goes
         self._downloads: dict[str, futures.Future] = {}   # background downloads this reader started
+        self._batches_read = 0   # in this pass: with a cache, only a first batch's samples are read by range
         self._downloader: futures.ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict:
@@ -184,6 +187,11 @@ class ShardReader:
         """
         maps = self._maps if self.config.mmap else {}
         shards = dict.fromkeys(urls)
+        if self.config.cache_dir:
+            for url, total in dict(zip(urls, shard_bytes)).items():
+                if self._batches_read or (total is not None and total <= WHOLE_FIRST_BYTES):
+                    self.wait_for_copy(url, total)
+        self._batches_read += 1
         for url in shards:                   # once per shard and batch, before any page of it is touched
             mapped = maps.get(url)
             if mapped is not None and mapped.obj.size() != len(mapped):
@@ -232,6 +240,40 @@ class ShardReader:
 
     def cache_path(self, url: str) -> Path:
         return storage.local_path(self.config.cache_dir) / cache_name(url)
+
+    def wait_for_copy(self, url: str, shard_bytes: int | None) -> bool:
+        """Until the shard is in cache_dir, downloaded by this reader or by another process that holds its
+        claim: True, or False when it cannot be (its download failed, or took longer than all its attempts
+        may): then its samples are read by range, and the next read reports the failure.
+
+        Past a pass's first batch a cached loader reads whole shards only, as they come down (prefetched by
+        ``plan``) instead of by a range request per sample while they do: on a cold pass that is a few large
+        requests instead of hundreds of small ones, and every byte fetched once."""
+        if storage.is_local(url):
+            return True
+        path = self.cache_path(url)
+        claim = path.with_name(f".{path.name}.claim")
+        deadline = time.monotonic() + self.config.timeout_s * (self.config.retries + 1)
+        started = False
+        while not path.exists():
+            running = self._downloads.get(url)
+            if running is not None and not running.done():
+                futures.wait([running], timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            elif running is not None and running.exception() is not None:
+                return False
+            elif claim.exists() and not claim_is_stale(claim, max(CLAIM_STALE_S, 2 * self.config.timeout_s)):
+                time.sleep(0.01)          # another worker or rank is downloading it
+            elif started:
+                return False              # ours ended without a copy and nobody holds the claim
+            else:
+                try:
+                    self._start_download(url, path, shard_bytes)
+                except ShardReadError:    # too big to cache, or a failed download: the read says so
+                    return False
+                started = True
+            if time.monotonic() > deadline:
+                return False
+        return True
 
     def wait_for_downloads(self) -> None:
         """Until the background downloads this reader started have ended (tests, tools)."""
@@ -308,6 +350,7 @@ class ShardReader:
         self._spans.clear()
         self._first.clear()
         self._ahead_bytes = 0
+        self._batches_read = 0
 
     def take(self, url: str, start: int, end: int, shard_bytes: int | None) -> "Part":
         """Span [start, end) of ``url``: from the request planned for it, else from a request of its own."""

@@ -19,7 +19,7 @@ from latency_proxy import LatencyProxy
 from mmdata import MultimodalLoader
 from mmdata.dataset import DatasetError
 from mmdata.load.catalog import load_catalog
-from mmdata.load.reader import ReadConfig, ShardReader, ShardReadError
+from mmdata.load.reader import ReadConfig, ShardReader, ShardReadError, cache_name
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +40,12 @@ class CountingProxy(LatencyProxy):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.in_flight = self.most_in_flight = 0
+        self.ranges: list[str | None] = []   # each request's Range header
         self.gauge = threading.Lock()
 
     def forward(self, handler) -> None:
         with self.gauge:
+            self.ranges.append(handler.headers.get("Range"))
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -95,8 +97,10 @@ def test_range_reads_keep_many_requests_in_flight_and_give_the_local_batches(dem
     seen = f"{proxy.most_in_flight} at once, {proxy.ranged_requests} range requests, {proxy.body_bytes} bytes"
     assert proxy.most_in_flight >= 5, seen    # not one sample after another
     # planned ahead from the epoch order: a shard's samples the plan holds share a request (the first batch
-    # is planned apart, so that it comes soon: at most one more request per sample of it)
-    assert proxy.ranged_requests <= len(load_catalog(demo_dataset).shard_urls) + config.batch_size, seen
+    # is planned apart, so that it comes soon: at most one more request per sample of it); dataset.json and
+    # the index files are capped reads, one range request each
+    shards = len(load_catalog(demo_dataset).shard_urls)
+    assert proxy.ranged_requests <= shards + config.batch_size + (1 + shards), seen
     # bytes fetched: the members read (their spans include only the tar headers between them), plus the
     # dataset.json and index files the loader reads once
     catalog = load_catalog(demo_dataset)
@@ -105,6 +109,27 @@ def test_range_reads_keep_many_requests_in_flight_and_give_the_local_batches(dem
     metadata = sum(p.stat().st_size for p in Path(demo_dataset).glob("index/*.parquet")) + \
         (Path(demo_dataset) / "dataset.json").stat().st_size + (Path(demo_dataset) / "tokenizer.model").stat().st_size
     assert proxy.body_bytes <= 1.1 * read + metadata, seen
+
+
+def test_a_cold_cache_fetches_each_shard_once_whole_with_several_workers(demo_dataset, remote, proxy, s3, tmp_path):
+    """With read.cache_dir, shards come down whole, once per machine, ahead of their samples (a plan starts
+    them), and batches wait for them: no sample is fetched twice by range while its shard downloads."""
+    common = dict(batch_size=4, num_workers=2, seed=2, worker_transport="pickle")
+    local = batches(loader_config(demo_dataset, **common))
+    config = loader_config(remote, **common)
+    config.read.storage_options = through(proxy, s3)
+    config.read.cache_dir, config.read.cache_bytes = str(tmp_path), 1 << 30
+    proxy.reset_counts()
+    same_batches(batches(config), local)
+    root = Path(demo_dataset)
+    shards = sum(p.stat().st_size for p in root.glob("shard-*.tar"))
+    metadata = sum(p.stat().st_size for p in root.glob("index/*.parquet")) + (root / "dataset.json").stat().st_size
+    seen = f"{proxy.requests} requests, {proxy.ranged_requests} by range, {proxy.body_bytes} bytes"
+    assert proxy.body_bytes <= 1.05 * shards + metadata, seen
+    # whole files only: every range asked for starts at byte 0 (capped reads of the catalog, downloads)
+    assert all(r is None or r.startswith("bytes=0-") for r in proxy.ranges), proxy.ranges
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cache_name(f"{remote}/{p.name}")
+                                                                 for p in root.glob("shard-*.tar"))
 
 
 def test_range_reads_resume_mid_epoch_on_the_same_batches(demo_dataset, remote, proxy, s3):
