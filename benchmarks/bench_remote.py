@@ -101,7 +101,7 @@ def mm_loader(url: str, options: dict, workers: int, batch: int, samples: int, c
     read = {"storage_options": options, **({"cache_dir": cache_dir, "cache_bytes": 1 << 34} if cache_dir else {})}
     config = from_dict(LoaderConfig, {"datasets": [{"path": url}], "batch_size": batch, "num_workers": workers,
                                       "pin_memory": False, "samples_per_epoch": samples, "read": read,
-                                      "worker_transport": "pickle", "shuffle_run": shuffle_run})
+                                      "shuffle_run": shuffle_run})
     return MultimodalLoader(config)
 
 

@@ -87,13 +87,17 @@ class EpochBatches(IterableDataset):
         layout = layouts[-1]
         messages = worker_messages(first, self.plan.batches(layout), worker, workers, self.plan.batches_per_message)
         first_group = True
-        for group in message_groups(messages, max(1, LOOKUP_SAMPLES // self.plan.config.batch_size)):
+        groups = message_groups(messages, max(1, LOOKUP_SAMPLES // self.plan.config.batch_size))
+        for group, next_group in pairwise(groups):
             looked_up = self.places_of([b for batches in group for b in batches], layout, sequence)
             # the first batch is planned on its own: its requests hold only its samples, so it comes soon
             first_batch = 1 if first_group else 0
             for part, first in ((looked_up[:first_batch], True), (looked_up[first_batch:], False)):
                 self._reader.plan(*(sum((getattr(p, name) for _, p in part), [])
                                     for name in ("url", "offsets", "sizes", "shard_bytes")), first=first)
+            if next_group and self.plan.config.read.cache_dir:   # whole shards: the next group's come down too
+                self._reader.prefetch(*self.shards_of([b for batches in next_group for b in batches], layout,
+                                                      sequence))
             first_group = False
             places = iter(looked_up)
             for batches in group:
@@ -123,6 +127,17 @@ class EpochBatches(IterableDataset):
         size = layout.batch_size
         return [(positions[i * size: (i + 1) * size], places.part(slice(i * size, (i + 1) * size)))
                 for i in range(len(batches))]
+
+    def shards_of(self, batches: list[int], layout: Layout, sequence) -> tuple[list[str], list[int]]:
+        """The shards (url, bytes) that ``batches`` read, in the order they first need them."""
+        order, which, rows = sequence
+        positions = np.concatenate([rank_batch(layout, b, self.plan.rank) for b in batches])
+        draws = order[positions]
+        catalogs = self.plan.catalogs
+        pairs = dict.fromkeys((s, int(catalogs[s].shard[r])) for s, r in zip(which[draws].tolist(),
+                                                                              rows[draws].tolist()))
+        return ([catalogs[s].shard_urls[n] for s, n in pairs],
+                [int(catalogs[s].shard_bytes[n]) for s, n in pairs])
 
     def packed(self, epoch: int, batches: list[tuple], layout: Layout, worker: int) -> list[dict]:
         """In a worker: a message's batches collated straight into a free shared slot (see transport.py), the
@@ -232,6 +247,16 @@ class EpochBatches(IterableDataset):
                                      for m in self.plan.config.modalities for ext in MODALITY_MEMBERS[m]
                                      if ext in catalog.offsets and bool((catalog.offsets[ext] >= 0).any())]
         return self._members[source]
+
+
+def pairwise(items):
+    """(item, the one after it or None) for each item: a look one group ahead."""
+    items = iter(items)
+    current = next(items, None)
+    while current is not None:
+        after = next(items, None)
+        yield current, after
+        current = after
 
 
 def message_groups(messages, batches: int):

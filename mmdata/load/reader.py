@@ -149,6 +149,7 @@ class ShardReader:
         self._first: list[futures.Future] = []   # the requests of a first batch, before which nothing else goes
         self._downloads: dict[str, futures.Future] = {}   # background downloads this reader started
         self._batches_read = 0   # in this pass: with a cache, only a first batch's samples are read by range
+        self._wanted: OrderedDict[str, int | None] = OrderedDict()   # shards to download next, in order of need
         self._downloader: futures.ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict:
@@ -188,6 +189,7 @@ class ShardReader:
         maps = self._maps if self.config.mmap else {}
         shards = dict.fromkeys(urls)
         if self.config.cache_dir:
+            self._top_up_downloads()
             for url, total in dict(zip(urls, shard_bytes)).items():
                 if self._batches_read or (total is not None and total <= WHOLE_FIRST_BYTES):
                     self.wait_for_copy(url, total)
@@ -256,6 +258,7 @@ class ShardReader:
         deadline = time.monotonic() + self.config.timeout_s * (self.config.retries + 1)
         started = False
         while not path.exists():
+            self._top_up_downloads()
             running = self._downloads.get(url)
             if running is not None and not running.done():
                 futures.wait([running], timeout=min(1.0, max(0.0, deadline - time.monotonic())))
@@ -324,21 +327,33 @@ class ShardReader:
         self._request_ahead()
 
     def _prefetch_shards(self, urls: list[str], shard_bytes: list[int]) -> None:
-        """Start downloading the planned samples' shards (the next shuffle window's too) in the order they are
-        needed, so that their samples are read from the cache, not by range requests while a download that
-        started at their first read runs (bytes fetched twice). At most PREFETCH_SHARDS queued at once:
-        the cache is sized for the shards of a window or two per worker (plan.py's preflight)."""
-        queued = sum(not f.done() for f in self._downloads.values())
+        """Queue the planned samples' shards for download, in the order they are needed, so that their samples
+        are read from the cache, not by range requests while a download that started at their first read
+        runs (bytes fetched twice)."""
         for url, total in dict(zip(urls, shard_bytes)).items():
-            if queued >= PREFETCH_SHARDS:
-                return
-            if storage.is_local(url) or url in self._downloads or self.cache_path(url).exists():
+            if url not in self._wanted and not storage.is_local(url):
+                self._wanted[url] = total
+        self._top_up_downloads()
+
+    def prefetch(self, urls: list[str], shard_bytes: list[int]) -> None:
+        """Shards that later batches will read (e.g. the next group's, before it is planned): with a cache,
+        queued for download after those already planned; without one, nothing (range reads are planned)."""
+        if self.config.cache_dir:
+            self._prefetch_shards(urls, shard_bytes)
+
+    def _top_up_downloads(self) -> None:
+        """Start queued shard downloads while fewer than PREFETCH_SHARDS run: the cache is sized for the
+        shards of a window or two per worker (plan.py's preflight), so downloads stay a few shards ahead."""
+        running = sum(not f.done() for f in self._downloads.values())
+        while self._wanted and running < PREFETCH_SHARDS:
+            url, total = self._wanted.popitem(last=False)
+            if url in self._downloads or self.cache_path(url).exists():
                 continue
             try:
                 self._start_download(url, self.cache_path(url), total)
             except ShardReadError:   # too big to cache: the read of its first sample says so
                 continue
-            queued += 1
+            running += 1
 
     def forget_plan(self) -> None:
         """Drop what was planned (an epoch left before its end, a resume elsewhere in the order)."""
@@ -351,6 +366,7 @@ class ShardReader:
         self._first.clear()
         self._ahead_bytes = 0
         self._batches_read = 0
+        self._wanted.clear()
 
     def take(self, url: str, start: int, end: int, shard_bytes: int | None) -> "Part":
         """Span [start, end) of ``url``: from the request planned for it, else from a request of its own."""

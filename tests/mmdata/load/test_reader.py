@@ -271,6 +271,15 @@ def test_planned_shards_are_downloaded_before_their_first_read(monkeypatch, memo
     cached = sorted(p.name for p in tmp_path.iterdir())
     assert cached == sorted(cache_name(u) for u in urls[:PREFETCH_SHARDS])   # in the order needed, a few ahead
     assert reader.read(urls[0], [(3, 7)], len(DATA)) == [DATA[3:10]] and not cats   # no range request
+    # the rest start as those end: reading a batch tops the downloads up, and later shards can be queued
+    # before they are planned (the next group's)
+    reader.prefetch([memory_url("shard-000009.tar")], [len(DATA)])
+    assert reader.read_batch([urls[1]], [[0]], [[4]], [4], [len(DATA)]) == [[DATA[:4]]]
+    reader.wait_for_downloads()
+    assert reader.read_batch([urls[4]], [[0]], [[4]], [4], [len(DATA)]) == [[DATA[:4]]]
+    reader.wait_for_downloads()
+    cached = {p.name for p in tmp_path.iterdir()}
+    assert cached == {cache_name(u) for u in urls} | {cache_name(memory_url("shard-000009.tar"))} and not cats
 
 
 @pytest.mark.parametrize("claim", ["a dead process here", "a machine that went quiet", "garbage, long untouched"])
