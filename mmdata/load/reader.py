@@ -342,13 +342,22 @@ class ShardReader:
             self._prefetch_shards(urls, shard_bytes)
 
     def _top_up_downloads(self) -> None:
-        """Start queued shard downloads while fewer than PREFETCH_SHARDS run: the cache is sized for the
-        shards of a window or two per worker (plan.py's preflight), so downloads stay a few shards ahead."""
+        """Start queued shard downloads while fewer than PREFETCH_SHARDS run and the cache has room for them
+        without evicting (plan.py's preflight sizes it for a window and one more shard per worker): downloads
+        stay a few shards ahead of need where the cache allows."""
+        if not self._wanted:
+            return
         running = sum(not f.done() for f in self._downloads.values())
+        free = self.config.cache_bytes - cached_bytes(storage.local_path(self.config.cache_dir))
         while self._wanted and running < PREFETCH_SHARDS:
-            url, total = self._wanted.popitem(last=False)
+            url, total = next(iter(self._wanted.items()))
             if url in self._downloads or self.cache_path(url).exists():
+                self._wanted.popitem(last=False)
                 continue
+            if total is None or total > free:   # ahead of need, a download never evicts: at its first read
+                return                          # it starts anyway (and evicts the least recently used)
+            self._wanted.popitem(last=False)
+            free -= total
             try:
                 self._start_download(url, self.cache_path(url), total)
             except ShardReadError:   # too big to cache: the read of its first sample says so
@@ -753,6 +762,22 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def cached_bytes(folder: Path) -> int:
+    """Bytes of the shards in the cache folder (partial downloads, dot files, not counted)."""
+    total = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith("."):
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
 def make_room(folder: Path, needed: int, cache_bytes: int) -> None:

@@ -282,6 +282,16 @@ def test_planned_shards_are_downloaded_before_their_first_read(monkeypatch, memo
     assert cached == {cache_name(u) for u in urls} | {cache_name(memory_url("shard-000009.tar"))} and not cats
 
 
+def test_downloads_ahead_of_need_never_evict(memory_url, tmp_path):
+    urls = [memory_url(f"shard-{i:06d}.tar") for i in range(4)]
+    reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=2 * len(DATA) + 10))
+    reader.plan(urls, [[0]] * 4, [[4]] * 4, [len(DATA)] * 4)
+    reader.wait_for_downloads()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cache_name(u) for u in urls[:2])   # what fits
+    assert reader.read_batch([urls[2]], [[0]], [[4]], [4], [len(DATA)]) == [[DATA[:4]]]   # needed: evicts
+    assert len(list(tmp_path.iterdir())) == 2 and (tmp_path / cache_name(urls[2])).exists()
+
+
 @pytest.mark.parametrize("claim", ["a dead process here", "a machine that went quiet", "garbage, long untouched"])
 def test_a_claim_whose_downloader_is_gone_is_taken_over(memory_url, tmp_path, claim):
     import socket
