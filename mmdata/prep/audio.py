@@ -167,8 +167,8 @@ def mel_members(pcm: np.ndarray, info: dict, config: AudioConfig) -> tuple[dict[
 def waveform_members(pcm: np.ndarray, config: AudioConfig) -> dict[str, bytes]:
     """``{"flac"}``: the 16-bit waveform as FLAC (audio.keep_waveform), the samples the mel was made from."""
     buf = io.BytesIO()
-    sf.write(buf, pcm, config.sample_rate, format="FLAC", subtype="PCM_16")
-    interrupts.check()       # a Ctrl-C swallowed inside soundfile's write callback leaves a cut-off file
+    with interrupts.deferred():   # a Ctrl-C inside soundfile's write callback would leave a cut-off file
+        sf.write(buf, pcm, config.sample_rate, format="FLAC", subtype="PCM_16")
     return {FLAC: buf.getvalue()}
 
 
@@ -181,7 +181,8 @@ def _decode(data: bytes, config: AudioConfig) -> tuple[np.ndarray, int, int, flo
     ``max_seconds`` one.
     """
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        # soundfile reads through cffi callbacks, which would swallow a KeyboardInterrupt: deferred to the end
+        with interrupts.deferred(), sf.SoundFile(io.BytesIO(data)) as f:
             rate, channels, total = f.samplerate, f.channels, f.frames
             _check_rate(rate, config.sample_rate)
             limit = _frames_needed(rate, config)
@@ -190,9 +191,8 @@ def _decode(data: bytes, config: AudioConfig) -> tuple[np.ndarray, int, int, flo
                                                      f"audio.max_seconds={config.max_seconds}, over {_MAX_INPUT_FRAMES}")
             mono = _read_mono(f, limit)
     except _DECODE_ERRORS as e:
-        interrupts.check()   # the "corrupt" file may be a read that a swallowed Ctrl-C cut short
+        interrupts.check()   # the "corrupt" file may be a read that a stop cut short
         raise SampleError("corrupt_audio", f"cannot decode audio ({len(data)} bytes): {e}") from None
-    interrupts.check()       # soundfile reads through cffi callbacks, which swallow KeyboardInterrupt
     if mono.size == 0:
         raise SampleError("empty_audio", f"audio decodes to 0 samples ({len(data)} bytes, {rate} Hz)")
     # A short read means the decoder hit the real end (truncated files report
