@@ -32,6 +32,7 @@ from mmdata.load.config import DatasetSource, LoaderConfig
 from mmdata.load.decode import normalize_images
 from mmdata.load.order import Layout
 from mmdata.load.plan import LoaderError, build_plan
+from mmdata.load.reader import ShardReader
 from mmdata.load.transport import (MAX_LAYOUTS, SLOTS_KEY, SharedSlots, control_tensor, encode_control,
                                    unpack_message)
 
@@ -67,6 +68,7 @@ class MultimodalLoader:
         self.control = control_tensor()
         self._dataloader: DataLoader | None = None
         self._slots_in_use = False
+        self._first_downloads: ShardReader | None = None   # the main process's, see download_first_shards
         self.batches_pickled = 0       # batches that could not use a shared slot (see note_pickled_batches)
 
     @property
@@ -88,6 +90,7 @@ class MultimodalLoader:
             raise LoaderError(f"more than {MAX_LAYOUTS} batch-layout changes within one epoch")
         encode_control(self.control, self.epoch, first, self.layouts)
         if first < len(self):
+            self.download_first_shards(first, layout)
             for message in self.dataloader():
                 if self._slots_in_use and message and SLOTS_KEY not in message[0]:
                     self.note_pickled_batches(len(message))
@@ -116,6 +119,22 @@ class MultimodalLoader:
                 timeout=c.timeout_s if workers else 0,
                 multiprocessing_context="fork" if workers and os.name == "posix" else None)
         return self._dataloader
+
+    def download_first_shards(self, first: int, layout: Layout) -> None:
+        """With a shard cache and workers about to start: the main process, whose storage client is already
+        connected (it read the catalog), starts downloading the shards of each worker's first batch while the
+        workers fork and make their own clients; they find its claims and wait for the copies. The epoch's
+        order, computed here for that, goes to the workers with the fork instead of being computed in each."""
+        c = self.config
+        dataloader = self.dataloader()
+        if not c.read.cache_dir or not c.num_workers or getattr(dataloader, "_iterator", None) is not None:
+            return
+        batches = list(range(first, min(first + c.num_workers, len(self))))
+        dataset = dataloader.dataset
+        urls, sizes = dataset.shards_of(batches, layout, dataset.epoch_sequence(self.epoch, self.layouts))
+        if self._first_downloads is None:
+            self._first_downloads = ShardReader(c.read)
+        self._first_downloads.start_downloads(urls, sizes)
 
     def note_pickled_batches(self, n: int) -> None:
         """Count, and say once, that batches came pickled although shared slots are in use."""

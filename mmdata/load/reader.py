@@ -341,6 +341,17 @@ class ShardReader:
         if self.config.cache_dir:
             self._prefetch_shards(urls, shard_bytes)
 
+    def start_downloads(self, urls: list[str], shard_bytes: list[int]) -> None:
+        """Download these shards into the cache now (DOWNLOADS at once, the rest queued), unless there or
+        claimed: shards needed right away, e.g. by the workers' first batches while they start."""
+        for url, total in dict(zip(urls, shard_bytes)).items():
+            if storage.is_local(url) or url in self._downloads or self.cache_path(url).exists():
+                continue
+            try:
+                self._start_download(url, self.cache_path(url), total)
+            except ShardReadError:   # too big to cache: the read of its first sample says so
+                continue
+
     def _top_up_downloads(self) -> None:
         """Start queued shard downloads while fewer than PREFETCH_SHARDS run and the cache has room for them
         without evicting (plan.py's preflight sizes it for a window and one more shard per worker): downloads

@@ -132,6 +132,22 @@ def test_a_cold_cache_fetches_each_shard_once_whole_with_several_workers(demo_da
                                                                  for p in root.glob("shard-*.tar"))
 
 
+def test_the_main_process_downloads_the_first_batches_shards_while_workers_start(remote, s3, tmp_path):
+    config = loader_config(remote, batch_size=4, num_workers=2, seed=2, worker_transport="pickle")
+    config.read.storage_options = s3
+    config.read.cache_dir, config.read.cache_bytes = str(tmp_path), 1 << 30
+    loader = MultimodalLoader(config)
+    dataset = loader.dataloader().dataset
+    layout = loader.layouts[-1]
+    urls, _ = dataset.shards_of([0, 1], layout, dataset.epoch_sequence(0, loader.layouts))
+    loader.download_first_shards(0, layout)          # what iterating does first, before the workers fork
+    loader._first_downloads.wait_for_downloads()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cache_name(u) for u in urls)   # those, only
+    first = next(iter(loader))
+    assert len(first["ids"]) == 4
+    loader.close()
+
+
 def test_range_reads_resume_mid_epoch_on_the_same_batches(demo_dataset, remote, proxy, s3):
     config = loader_config(remote, batch_size=4, num_workers=1, seed=5, worker_transport="pickle")
     config.read.storage_options = through(proxy, s3)
