@@ -292,6 +292,38 @@ def test_downloads_ahead_of_need_never_evict(memory_url, tmp_path):
     assert len(list(tmp_path.iterdir())) == 2 and (tmp_path / cache_name(urls[2])).exists()
 
 
+def test_a_batch_waits_for_the_copy_another_reader_is_downloading(monkeypatch, memory_url, tmp_path):
+    """A batch waits for the copy of a shard another worker is downloading rather than read it by range (a
+    first batch too, where the shard is under 16 MiB)."""
+    url = memory_url("shard-000006.tar")
+    config = fast(cache_dir=str(tmp_path), cache_bytes=10_000)
+    downloader, waiter = ShardReader(config), ShardReader(config)
+    release = threading.Event()
+    original = MemoryFileSystem._open
+
+    def slow_open(self, *args, **kwargs):
+        release.wait(5)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(MemoryFileSystem, "_open", slow_open)
+    downloader.start_downloads([url], [len(DATA)])          # holds the claim, its download held back
+    cats = count_calls(monkeypatch, "cat_file")
+    threading.Timer(0.3, release.set).start()
+    begin = time.monotonic()
+    assert waiter.read_batch([url], [[8]], [[4]], [12], [len(DATA)]) == [[DATA[8:12]]]
+    assert time.monotonic() - begin >= 0.2 and not cats     # it waited for the copy: no range request
+    downloader.wait_for_downloads()
+    assert [p.name for p in tmp_path.iterdir()] == [cache_name(url)]
+
+
+def test_a_batch_waiting_for_a_dead_downloaders_copy_takes_the_download_over(memory_url, tmp_path):
+    import socket
+    url = memory_url("shard-000005.tar")
+    (tmp_path / f".{cache_name(url)}.claim").write_text(f"{socket.gethostname()} {2**22 + 12345}\n")   # no such pid
+    reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000))
+    assert reader.read_batch([url], [[0]], [[4]], [4], [len(DATA)]) == [[DATA[:4]]]
+    assert [p.name for p in tmp_path.iterdir()] == [cache_name(url)]
+
+
 @pytest.mark.parametrize("claim", ["a dead process here", "a machine that went quiet", "garbage, long untouched"])
 def test_a_claim_whose_downloader_is_gone_is_taken_over(memory_url, tmp_path, claim):
     import socket
