@@ -170,14 +170,19 @@ def peers_python() -> Path | None:
 def peer_command(python: Path, *args: str) -> tuple[dict | None, str]:
     """Run bench_peers.py: (the JSON object it ends with, "") or (None, why it failed). Its own process group,
     so that a run past the limit is ended with its DataLoader workers."""
+    # a temporary folder of its own: MosaicML Streaming leaves lock files in the temporary folder
+    scratch = tempfile.mkdtemp(prefix="mm-bench-peer-")
     process = subprocess.Popen([str(python), str(ROOT / "benchmarks" / "bench_peers.py"), *args],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "TMPDIR": scratch})
     try:
         out, err = process.communicate(timeout=PEER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         return None, f"no result within {PEER_TIMEOUT_S} s"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if process.returncode != 0 or not out.strip():
         return None, f"exit {process.returncode}: {last_line(err)}"
     try:
@@ -212,7 +217,7 @@ def peer_run(python: Path, peer: str, url: str, endpoint: str, workers: int, bat
 
 
 def print_ratios(results: dict, workers_counts: list[int], size: int, passes: int) -> None:
-    """The issue's goals as ratios: range reads to the cache (overall), mm's cold pass to each peer's, and the
+    """The ratios that matter: range reads to the cache (overall), mm's cold pass to each peer's, and the
     bytes each mm mode fetched per pass against the dataset's size. A row that did not run is left out."""
     def got(name, workers):
         r = results.get((name, workers))
@@ -238,7 +243,8 @@ def print_ratios(results: dict, workers_counts: list[int], size: int, passes: in
             fetched.insert(0, f"shard cache {cache.fetched / size:.2f}x in all")
         if fetched:
             parts.append("fetched / the dataset: " + ", ".join(fetched))
-        print(f"    {workers} workers: " + "\n                 ".join(parts))
+        if parts:
+            print(f"    {workers} workers: " + "\n                 ".join(parts))
 
 
 def main() -> None:
