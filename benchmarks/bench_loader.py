@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -219,15 +220,18 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="mm-bench-loader-"))
     summary = []
-    for dataset in args.dataset or ["data/datasets/demo"]:
-        dataset = str(Path(dataset).resolve())
-        for workers in args.workers:
-            summary.append((Path(dataset).name, workers,
-                            compare(dataset, workers, args.batch, args.samples, args.rounds,
-                                    scratch / Path(dataset).name)))
-        latency = resume_latency(dataset, args.workers[-1], args.batch)
-        print("  resume latency (load_state_dict -> first batch): "
-              + ", ".join(f"{k} of epoch {v:.2f} s" for k, v in latency.items()))
+    try:
+        for dataset in args.dataset or ["data/datasets/demo"]:
+            dataset = str(Path(dataset).resolve())
+            for workers in args.workers:
+                summary.append((Path(dataset).name, workers,
+                                compare(dataset, workers, args.batch, args.samples, args.rounds,
+                                        scratch / Path(dataset).name)))
+            latency = resume_latency(dataset, args.workers[-1], args.batch)
+            print("  resume latency (load_state_dict -> first batch): "
+                  + ", ".join(f"{k} of epoch {v:.2f} s" for k, v in latency.items()))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)   # copies of the datasets made for the comparison
     print("\nsummary: mmdata loader samples/s relative to, in the same round (median over rounds),")
     print("  and main-process CPU per sample (us), mmdata loader / plain webdataset")
     print(f"  {'dataset':32s} {'workers':>7s} {'plain webdataset':>17s} {'decode ceiling':>15s} {'main CPU':>13s}")
