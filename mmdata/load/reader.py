@@ -719,6 +719,8 @@ def download(fs, path: str, dest: Path, size: int, cancel: threading.Event, clai
             while chunk := src.read(DOWNLOAD_CHUNK):
                 if cancel.is_set():   # the reader gave up on this attempt
                     return
+                if written + len(chunk) > size:   # not the shard dataset.json describes: stop reading it
+                    raise OSError(f"the object holds more than the {size} bytes dataset.json gives its shard")
                 out.write(chunk)
                 written += len(chunk)
                 if claim is not None:

@@ -372,6 +372,16 @@ def test_cache_discards_a_download_of_the_wrong_size(memory_url, tmp_path):
     assert list(tmp_path.iterdir()) == []   # neither the final name nor a leftover temporary file
 
 
+def test_cache_stops_downloading_an_object_larger_than_its_shard(memory_url, tmp_path):
+    url = memory_url("shard-000004.tar", DATA * 40)       # dataset.json says len(DATA) bytes
+    reader = ShardReader(fast(cache_dir=str(tmp_path), cache_bytes=10_000, retries=0))
+    reader.start_downloads([url], [len(DATA)])
+    reader.wait_for_downloads()
+    with pytest.raises(ShardReadError, match=f"holds more than the {len(DATA)} bytes dataset.json gives"):
+        reader.read(url, [(0, 4)], len(DATA))
+    assert list(tmp_path.iterdir()) == []   # nothing written past the shard's size, nothing left behind
+
+
 def test_cache_refuses_a_shard_bigger_than_cache_bytes(memory_url, tmp_path):
     url = memory_url("shard-000006.tar")
     with pytest.raises(ShardReadError, match="cache_bytes") as e:
