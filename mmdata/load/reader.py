@@ -243,6 +243,11 @@ class ShardReader:
     def cache_path(self, url: str) -> Path:
         return storage.local_path(self.config.cache_dir) / cache_name(url)
 
+    @property
+    def claim_stale_after(self) -> float:
+        """Seconds a claim may go untouched before it is taken over (a download touches it as chunks arrive)."""
+        return max(CLAIM_STALE_S, 2 * self.config.timeout_s)
+
     def wait_for_copy(self, url: str, shard_bytes: int | None) -> bool:
         """Until the shard is in cache_dir, downloaded by this reader or by another process that holds its
         claim: True, or False when it cannot be (its download failed, or took longer than all its attempts
@@ -254,7 +259,7 @@ class ShardReader:
         if storage.is_local(url):
             return True
         path = self.cache_path(url)
-        claim = path.with_name(f".{path.name}.claim")
+        claim = claim_path(path)
         deadline = time.monotonic() + self.config.timeout_s * (self.config.retries + 1)
         started = False
         while not path.exists():
@@ -264,7 +269,7 @@ class ShardReader:
                 futures.wait([running], timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             elif running is not None and running.exception() is not None:
                 return False
-            elif claim.exists() and not claim_is_stale(claim, max(CLAIM_STALE_S, 2 * self.config.timeout_s)):
+            elif claim.exists() and not claim_is_stale(claim, self.claim_stale_after):
                 time.sleep(0.01)          # another worker or rank is downloading it
             elif started:
                 return False              # ours ended without a copy and nobody holds the claim
@@ -291,7 +296,7 @@ class ShardReader:
         samples are needed before any other (a first batch): their requests go out now, and what is planned
         after them waits until they are answered, so as not to compete with them for the connection."""
         if self.config.cache_dir:   # the shards come down whole: fetching their samples ahead would fetch twice
-            self._prefetch_shards(urls, shard_bytes)
+            self.prefetch(urls, shard_bytes)
             return
         wanted: list[tuple[str, int, int, int | None]] = []
         for url, starts, lengths, total in zip(urls, offsets, sizes, shard_bytes):
@@ -326,31 +331,35 @@ class ShardReader:
                     self._first.append(request.future)
         self._request_ahead()
 
-    def _prefetch_shards(self, urls: list[str], shard_bytes: list[int]) -> None:
-        """Queue the planned samples' shards for download, in the order they are needed, so that their samples
-        are read from the cache, not by range requests while a download that started at their first read
-        runs (bytes fetched twice)."""
+    def prefetch(self, urls: list[str], shard_bytes: list[int]) -> None:
+        """Shards that the planned or later batches will read (e.g. the next group's, before it is planned):
+        with a cache, queued for download after those already queued, in the order they are needed, so that
+        their samples are read from the cache, not by range requests while a download that started at their
+        first read runs (bytes fetched twice); without one, nothing (range reads are planned)."""
+        if not self.config.cache_dir:
+            return
         for url, total in dict(zip(urls, shard_bytes)).items():
             if url not in self._wanted and not storage.is_local(url):
                 self._wanted[url] = total
         self._top_up_downloads()
 
-    def prefetch(self, urls: list[str], shard_bytes: list[int]) -> None:
-        """Shards that later batches will read (e.g. the next group's, before it is planned): with a cache,
-        queued for download after those already planned; without one, nothing (range reads are planned)."""
-        if self.config.cache_dir:
-            self._prefetch_shards(urls, shard_bytes)
-
     def start_downloads(self, urls: list[str], shard_bytes: list[int]) -> None:
         """Download these shards into the cache now (DOWNLOADS at once, the rest queued), unless there or
         claimed: shards needed right away, e.g. by the workers' first batches while they start."""
         for url, total in dict(zip(urls, shard_bytes)).items():
-            if storage.is_local(url) or url in self._downloads or self.cache_path(url).exists():
-                continue
-            try:
-                self._start_download(url, self.cache_path(url), total)
-            except ShardReadError:   # too big to cache: the read of its first sample says so
-                continue
+            if not storage.is_local(url):
+                self._download_soon(url, total)
+
+    def _download_soon(self, url: str, shard_bytes: int | None) -> bool:
+        """Start (or queue) the shard's download unless it is cached, under way here, or too big to cache
+        (the read of its first sample says so): whether one was started."""
+        if url in self._downloads or self.cache_path(url).exists():
+            return False
+        try:
+            self._start_download(url, self.cache_path(url), shard_bytes)
+        except ShardReadError:
+            return False
+        return True
 
     def _top_up_downloads(self) -> None:
         """Start queued shard downloads while fewer than PREFETCH_SHARDS run and the cache has room for them
@@ -359,7 +368,8 @@ class ShardReader:
         if not self._wanted:
             return
         running = sum(not f.done() for f in self._downloads.values())
-        free = self.config.cache_bytes - cached_bytes(storage.local_path(self.config.cache_dir))
+        free = self.config.cache_bytes - sum(size for _, _, size in cached_shards(
+            storage.local_path(self.config.cache_dir)))
         while self._wanted and running < PREFETCH_SHARDS:
             url, total = next(iter(self._wanted.items()))
             if url in self._downloads or self.cache_path(url).exists():
@@ -369,11 +379,7 @@ class ShardReader:
                 return                          # it starts anyway (and evicts the least recently used)
             self._wanted.popitem(last=False)
             free -= total
-            try:
-                self._start_download(url, self.cache_path(url), total)
-            except ShardReadError:   # too big to cache: the read of its first sample says so
-                continue
-            running += 1
+            running += self._download_soon(url, total)
 
     def forget_plan(self) -> None:
         """Drop what was planned (an epoch left before its end, a resume elsewhere in the order)."""
@@ -545,9 +551,9 @@ class ShardReader:
     def _claimed_download(self, url: str, path: Path, shard_bytes: int | None) -> None:
         """Download the shard unless another process on this machine is: one download per shard per
         machine, whatever the number of workers and ranks sharing cache_dir."""
-        claim = path.with_name(f".{path.name}.claim")
+        claim = claim_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not take_claim(claim, stale_after=max(CLAIM_STALE_S, 2 * self.config.timeout_s)):
+        if not take_claim(claim, stale_after=self.claim_stale_after):
             return
         try:
             if not path.exists():
@@ -762,49 +768,39 @@ def claim_is_stale(claim: Path, stale_after: float) -> bool:
     except OSError:                            # gone meanwhile, or not a file: not ours to take
         return False
     here = len(owner) == 2 and owner[0] == socket.gethostname() and owner[1].isdigit() and len(owner[1]) <= 9
-    if here and not pid_alive(int(owner[1])):
+    if here and not storage.process_alive(int(owner[1])):
         return True
     return age > stale_after                   # a claim being written, or unreadable, expires by age alone
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def claim_path(path: Path) -> Path:
+    """The claim file of a cached shard's download: a dot file beside it, so eviction leaves it alone."""
+    return path.with_name(f".{path.name}.claim")
 
 
-def cached_bytes(folder: Path) -> int:
-    """Bytes of the shards in the cache folder (partial downloads, dot files, not counted)."""
-    total = 0
+def cached_shards(folder: Path) -> list[tuple[int, str, int]]:
+    """(mtime_ns, name, size) of the shards in the cache folder; partial downloads and claims (dot files)
+    are not shards. Other workers evict too, so files may vanish while this looks."""
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
-        return 0
+        return []
+    shards = []
     for entry in entries:
-        if not entry.name.startswith("."):
-            try:
-                total += entry.stat().st_size
-            except FileNotFoundError:
-                continue
-    return total
-
-
-def make_room(folder: Path, needed: int, cache_bytes: int) -> None:
-    """Evict least recently used shards until ``needed`` more bytes fit. Other workers share the folder
-    and evict too, so files may vanish at any point; their partial downloads (dot files) are left alone."""
-    entries = []
-    for entry in os.scandir(folder):
         if entry.name.startswith("."):
             continue
         try:
             st = entry.stat()
         except FileNotFoundError:
             continue
-        entries.append((st.st_mtime_ns, entry.name, st.st_size))
+        shards.append((st.st_mtime_ns, entry.name, st.st_size))
+    return shards
+
+
+def make_room(folder: Path, needed: int, cache_bytes: int) -> None:
+    """Evict least recently used shards until ``needed`` more bytes fit. Other workers share the folder
+    and evict too, so files may vanish at any point; their partial downloads (dot files) are left alone."""
+    entries = cached_shards(folder)
     total = sum(size for _, _, size in entries)
     for _, name, size in sorted(entries):
         if total + needed <= cache_bytes:
