@@ -148,6 +148,7 @@ class ShardReader:
         self._ahead_bytes = 0
         self._first: list[futures.Future] = []   # the requests of a first batch, before which nothing else goes
         self._downloads: dict[str, futures.Future] = {}   # background downloads this reader started
+        self._download_bytes: dict[str, int] = {}          # and their sizes, where dataset.json gives them
         self._batches_read = 0   # in this pass: with a cache, only a first batch's samples are read by range
         self._wanted: OrderedDict[str, int | None] = OrderedDict()   # shards to download next, in order of need
         self._downloader: futures.ThreadPoolExecutor | None = None
@@ -367,9 +368,11 @@ class ShardReader:
         stay a few shards ahead of need where the cache allows."""
         if not self._wanted:
             return
-        running = sum(not f.done() for f in self._downloads.values())
-        free = self.config.cache_bytes - sum(size for _, _, size in cached_shards(
+        in_flight = [url for url, f in self._downloads.items() if not f.done()]
+        coming = sum(self._download_bytes.get(url, 0) for url in in_flight)   # not in the folder yet
+        free = self.config.cache_bytes - coming - sum(size for _, _, size in cached_shards(
             storage.local_path(self.config.cache_dir)))
+        running = len(in_flight)
         while self._wanted and running < PREFETCH_SHARDS:
             url, total = next(iter(self._wanted.items()))
             if url in self._downloads or self.cache_path(url).exists():
@@ -467,6 +470,7 @@ class ShardReader:
             self._downloader.shutdown(wait=False, cancel_futures=True)
             self._downloader = None
         self._downloads.clear()
+        self._download_bytes.clear()
         if self._fetcher is not None:
             self._fetcher.shutdown(wait=False, cancel_futures=True)
             self._fetcher = None
@@ -547,6 +551,7 @@ class ShardReader:
         if self._downloader is None:
             self._downloader = futures.ThreadPoolExecutor(max_workers=DOWNLOADS, thread_name_prefix="mmdata-cache")
         self._downloads[url] = self._downloader.submit(self._claimed_download, url, path, shard_bytes)
+        self._download_bytes[url] = shard_bytes or 0
 
     def _claimed_download(self, url: str, path: Path, shard_bytes: int | None) -> None:
         """Download the shard unless another process on this machine is: one download per shard per
