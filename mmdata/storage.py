@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import uuid
 from pathlib import Path
 
@@ -154,8 +155,12 @@ def read_bytes(url: str, storage_options: dict, limit: int | None = None) -> byt
     asked for its first limit + 1 bytes only: one GET, no size request first)."""
     if is_local(url):
         path = local_path(url)
-        if limit is not None and path.stat().st_size > limit:
-            raise too_large(url, limit)
+        if limit is not None:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):   # a FIFO or a device would block the read, or never end
+                raise OSError(f"{url} is not a regular file")
+            if st.st_size > limit:
+                raise too_large(url, limit)
         return path.read_bytes()
     fs, path = filesystem(url, storage_options)
     data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdata import storage
-from mmdata.dataset import DatasetDescription, load_description
+from mmdata.dataset import DatasetDescription, DatasetError, load_description
 from mmdata.schema import MEMBER_ORDER, MODALITIES, id_hash
 
 
@@ -63,8 +63,14 @@ def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
     options = storage_options or {}
     description = load_description(dataset, options)
     shards = description.shards
-    indexes = storage.read_many([description.index_url(s) for s in shards], options, storage.MAX_METADATA_BYTES)
-    tables = [pq.read_table(io.BytesIO(data)) for data in indexes]
+    urls = [description.index_url(s) for s in shards]
+    try:
+        indexes = storage.read_many(urls, options, storage.MAX_METADATA_BYTES)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{dataset}: an index file is missing ({e}); rebuild the dataset") from None
+    except OSError as e:
+        raise DatasetError(f"{dataset}: an index file cannot be read ({e}); rebuild the dataset") from None
+    tables = [read_index(url, data) for url, data in zip(urls, indexes)]
     table = pa.concat_tables(tables) if tables else None
     n = len(table) if table is not None else 0
     counts = [len(t) for t in tables]
@@ -91,6 +97,13 @@ def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
         has={m: column(f"has_{m}", False, bool) for m in MODALITIES},
         **split_column(table, n),
     )
+
+
+def read_index(url: str, data: bytes) -> pa.Table:
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{url} is not a readable index ({e}); rebuild the dataset") from None
 
 
 def split_column(table: pa.Table | None, n: int) -> dict:

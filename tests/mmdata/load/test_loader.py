@@ -208,6 +208,25 @@ def test_a_loader_with_shuffle_run_gives_every_sample_once(demo_dataset):
     assert runs != base and sorted(i for b in runs for i in b) == sorted(i for b in base for i in b)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "fifo", "missing"])
+def test_an_index_file_that_is_garbage_not_a_file_or_gone_is_one_reason(demo_dataset, tmp_path, damage):
+    import os
+
+    from mmdata.dataset import DatasetError
+    from mmdata.load.catalog import load_catalog
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_dataset, copy)
+    index = sorted((copy / "index").glob("*.parquet"))[0]
+    index.unlink()
+    if damage == "garbage":
+        index.write_bytes(b"not parquet")
+    elif damage == "fifo":
+        os.mkfifo(index)                 # a read would block for ever
+    words = {"garbage": "is not a readable index", "fifo": "is not a regular file", "missing": "is missing"}
+    with pytest.raises(DatasetError, match=f"{words[damage]}.*rebuild the dataset"):
+        load_catalog(str(copy))
+
+
 def test_an_epoch_longer_than_the_dataset_takes_further_shuffled_passes(demo_dataset):
     ids = sorted(all_ids(demo_dataset))
     loader = MultimodalLoader(loader_config(demo_dataset, samples_per_epoch=120, batch_size=4, num_workers=0))
