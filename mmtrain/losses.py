@@ -8,6 +8,7 @@ gradient averaging then yields the gradient of the mean global loss.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -21,11 +22,16 @@ def distributed() -> bool:
     return process_group()[1] > 1
 
 
-def gather_rows(rows: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[dict, torch.Tensor, int]:
-    """All ranks' rows (gradients flow back to each rank's own), their validity, and where mine start.
+def gather_rows(rows: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]) -> tuple[dict, dict, int]:
+    """All ranks' rows of every modality (gradients flow back to each rank's own), each row's validity per
+    modality, and where my rows start.
 
     Batches can differ in size across ranks (the loader's on_error=skip drops bad samples),
     so rows are padded to the largest batch and the padding is marked invalid.
+
+    One collective carries every modality's rows and flags, packed side by side, and the next starts only
+    after it: gloo (torch 2.14) corrupts memory when all_gathers overlap (several gradient-carrying
+    gathers left in flight while a plain one ran aborted a rank within a few hundred steps).
     """
     if not distributed():
         return rows, valid, 0
@@ -33,34 +39,38 @@ def gather_rows(rows: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[dic
     # torch 2.14 renamed it (the old name issues a FutureWarning); torch 2.6 has only the old one
     all_gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    size = torch.tensor([valid.shape[0]], device=valid.device)
+    mine = next(iter(valid.values())).shape[0]
+    size = torch.tensor([mine], device=next(iter(valid.values())).device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     torch.distributed.all_gather(sizes, size)
     most = int(max(s.item() for s in sizes))
-    pad = most - valid.shape[0]
-    padded = {k: torch.nn.functional.pad(v, (0, 0, 0, pad)) for k, v in rows.items()}
-    group = torch.distributed.group.WORLD
-    gathered = {k: all_gather(v.contiguous(), 0, group) for k, v in padded.items()}
-    flags = [torch.zeros(most, dtype=torch.bool, device=valid.device) for _ in range(world)]
-    torch.distributed.all_gather(flags, torch.nn.functional.pad(valid, (0, pad)))
-    return gathered, torch.cat(flags), rank * most
+    names = sorted(rows)
+    dtype = functools.reduce(torch.promote_types, (rows[k].dtype for k in names))
+    packed = torch.cat([rows[k].to(dtype) for k in names] + [valid[k].to(dtype).unsqueeze(1) for k in names], 1)
+    gathered = fc.wait_tensor(all_gather(F.pad(packed, (0, 0, 0, most - mine)).contiguous(), 0,
+                                         torch.distributed.group.WORLD))
+    widths = [rows[k].shape[1] for k in names]
+    columns = gathered[:, :sum(widths)].split(widths, 1)
+    flags = gathered[:, sum(widths):].detach() > 0.5
+    return ({k: c for k, c in zip(names, columns)}, {k: flags[:, i] for i, k in enumerate(names)},
+            rank * most)
 
 
 def contrastive_loss(embeddings: dict, present: dict, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
     """InfoNCE for each modality pair, symmetric, over samples that have both modalities."""
     losses = {}
+    if len(embeddings) < 2:
+        return losses
+    rows, all_present, start = gather_rows(embeddings, present)
+    # every rank's graph holds the gathered rows, used or not: their backward is a collective all ranks join
+    losses["_anchor/gathered"] = sum(r.sum() for r in rows.values()) * 0.0
     for a, b in itertools.combinations(sorted(embeddings), 2):
         both = present[a] & present[b]
-        rows, all_both, start = gather_rows({a: embeddings[a], b: embeddings[b]}, both)
+        all_both = all_present[a] & all_present[b]
+        if all_both.sum() < 2 or both.sum() == 0:
+            continue     # nothing to contrast anywhere, or no query of mine
         local = torch.zeros_like(all_both)
         local[start: start + both.shape[0]] = both
-        if all_both.sum() < 2:
-            continue     # the same on every rank: nobody uses the gathered rows
-        if both.sum() == 0:
-            # nothing to score here, but the gathered rows must stay in this rank's graph:
-            # their backward is a collective that every rank has to join
-            losses[f"_anchor/{a}-{b}"] = (rows[a].sum() + rows[b].sum()) * 0.0
-            continue
         keys = all_both.nonzero().squeeze(1)
         queries = local[keys].nonzero().squeeze(1)   # my rows, as positions among `keys`
         logits = logit_scale * rows[a][keys] @ rows[b][keys].T

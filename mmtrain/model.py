@@ -300,7 +300,7 @@ class FusionModel(nn.Module):
         embeddings = {m: F.normalize(self.project[m](pooled), dim=-1) for m, (_, _, pooled) in encoded.items()}
         logits = self.fuse(encoded, present) if self.classify else None
         out = {"embeddings": embeddings, "present": present, "logits": logits,
-               "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp().squeeze(0)}
+               "logit_scale": self.logit_scale.squeeze(0).clamp(max=math.log(100.0)).exp()}
         if self.unimodal is not None:
             out["unimodal_logits"] = {m: self.unimodal[m](pooled) for m, (_, _, pooled) in encoded.items()}
         if self.classify and subsets:

@@ -107,18 +107,18 @@ def test_the_demo_learns_far_above_chance(tmp_path):
 
 
 def test_contrastive_gather_survives_uneven_batches_and_missing_modalities(tmp_path):
-    for attempt in range(2):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              "--standalone",   # rendezvous on a port torchrun picks: nothing can take it first
-                              str(HERE / "gather_rank.py"), str(tmp_path)],
-                             env=ENV, capture_output=True, text=True, timeout=120)
-        # gloo's TCP transport (torch 2.14) has segfaulted a rank mid-collective, rarely, on a loaded 2-core
-        # machine; one more try tells that apart from a failure of ours (a hang, an error, another signal)
-        if run.returncode == 0 or "(SIGSEGV)" not in run.stderr:
-            break
+    """Each rank's gradient is that of the global loss (every rank's queries against all ranks' rows), and
+    300 steps of it run without a crash: overlapping gathers once corrupted gloo's memory within a few
+    hundred steps (a rank died of SIGSEGV or glibc's heap checks)."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone",   # rendezvous on a port torchrun picks: nothing can take it first
+                          str(HERE / "gather_rank.py"), str(tmp_path)],
+                         env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    losses = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
-    assert all(l == l and l > 0 for l in losses)
+    for r in range(2):
+        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert result["loss"] > 0 and result["steps"] == 300, result
+        assert result["gradient_error"] < 1e-5 * result["gradient_norm"], result
 
 
 def test_fsdp2_with_two_ranks_trains_evaluates_checkpoints_and_resumes(demo_dataset, tmp_path, capsys):
