@@ -149,8 +149,8 @@ def label_range(dataset: str, description) -> tuple[int | None, int, str | None,
     import pyarrow.parquet as pq
     low, high, low_key, high_key = None, -1, None, None
     for shard in description.shards:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(description.index_url(shard), {})),
-                              columns=["key", "label"])
+        table = pq.ParquetFile(io.BytesIO(storage.read_bytes(description.index_url(shard), {}))).read(
+            columns=["key", "label"])
         labels = table.column("label").to_numpy(zero_copy_only=False)
         valid = ~table.column("label").is_null().to_numpy(zero_copy_only=False)
         if not valid.any():

@@ -101,7 +101,8 @@ def load_catalog(dataset: str, storage_options: dict | None = None) -> Catalog:
 
 def read_index(url: str, data: bytes) -> pa.Table:
     try:
-        return pq.read_table(io.BytesIO(data))
+        # ParquetFile, not read_table: read_table imports pyarrow.dataset, ~0.1 s of a loader's start
+        return pq.ParquetFile(io.BytesIO(data)).read()
     except (pa.ArrowException, OSError) as e:
         raise DatasetError(f"{url} is not a readable index ({e}); rebuild the dataset") from None
 

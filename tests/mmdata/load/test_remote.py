@@ -246,3 +246,30 @@ def test_a_metadata_file_larger_than_any_mmdata_writes_is_refused_unread(remote,
     local.write_bytes(b" " * 101)
     with pytest.raises(OSError, match="larger than 100 bytes"):
         storage.read_json(str(local), {}, limit=100)
+
+
+def test_a_forked_worker_makes_its_own_s3_session_on_the_parents_parsed_service_descriptions(remote, s3):
+    """A new botocore session parses S3's service description before its first request (0.35 s of a
+    worker's first read): each process gets a session of its own (credentials stay per process) over one
+    data loader, parsed once and inherited by forks. Options that s3fs gives its own session keep it."""
+    import os
+
+    from mmdata import storage
+    fs, path = storage.filesystem(remote + "/dataset.json", s3)
+    assert fs.cat_file(path)[:1] == b"{"
+    parent = fs.session
+    assert parent is not None and parent.get_component("data_loader") is storage._s3_loader
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child reports on the pipe and leaves without running pytest's exit handlers
+        storage.forget_inherited_clients()
+        child, path = storage.filesystem(remote + "/dataset.json", s3)
+        ok = (child.cat_file(path)[:1] == b"{" and child.session is not parent
+              and child.session.get_component("data_loader") is storage._s3_loader)
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+    own, _ = storage.filesystem(remote + "/dataset.json", {**s3, "profile": None})
+    assert "session" not in own.storage_options
