@@ -201,8 +201,12 @@ def read_bytes(url: str, storage_options: dict, limit: int | None = None) -> byt
     return data
 
 
+class TooLarge(OSError):
+    """A file larger than the limit its reader set: it was not read past the limit."""
+
+
 def too_large(url: str, limit: int) -> OSError:
-    return OSError(f"{url} is larger than {limit} bytes, more than mmdata ever writes there; "
+    return TooLarge(f"{url} is larger than {limit} bytes, more than mmdata ever writes there; "
                    "the file is not what it should be (rebuild the dataset)")
 
 

@@ -32,17 +32,21 @@ def verify_shard(d: DatasetDescription, shard: ShardInfo, options: dict | None =
     """
     options = options or {}
     try:
-        with shard_bytes(d.shard_url(shard), options) as data:
+        with shard_bytes(d.shard_url(shard), options, shard.bytes) as data:
             return check_shard(d, shard, data, options)
     except FileNotFoundError:
         return [f"{shard.name}: missing (dataset.json lists it); rebuild the dataset"], 0, Counter()
+    except storage.TooLarge:
+        return [f"{shard.name}: larger than the {shard.bytes} bytes dataset.json says (not read further); "
+                f"it was replaced: rebuild the dataset"], 0, Counter()
 
 
 @contextlib.contextmanager
-def shard_bytes(url: str, options: dict):
-    """A shard's bytes: a read-only mapping of a local file (no copy: the page cache), else read whole."""
+def shard_bytes(url: str, options: dict, expected: int):
+    """A shard's bytes: a read-only mapping of a local file (no copy: the page cache), else read whole,
+    at most ``expected`` bytes of it (more raises storage.TooLarge: a replaced object can be any size)."""
     if not storage.is_local(url):
-        yield storage.read_bytes(url, options)
+        yield storage.read_bytes(url, options, limit=expected)
         return
     regular(url)
     with open(storage.local_path(url), "rb") as f:
@@ -91,8 +95,9 @@ def regular(url: str) -> None:
 
 
 def read_file(url: str, options: dict) -> bytes:
+    """An index, the tokenizer or errors.jsonl: capped far above any that mmdata writes."""
     regular(url)
-    return storage.read_bytes(url, options)
+    return storage.read_bytes(url, options, storage.MAX_METADATA_BYTES)
 
 
 def capped(shard: str, problems: list[str], most: int = 20) -> list[str]:

@@ -245,3 +245,27 @@ def test_a_v1_index_in_a_v2_dataset_is_reported(copy, capsys):
     assert code == 1
     assert any(line.startswith("index/shard-000000.parquet: column members is ") and "format v2" in line
                for line in lines)
+
+
+@pytest.mark.slow
+def test_a_remote_shard_replaced_by_a_larger_object_is_reported_unread(demo_dataset, s3):
+    """On object storage a replaced shard can be any size: verify asks for one byte more than dataset.json
+    says, reports it, and checks the other shards."""
+    import s3fs
+
+    from helpers import make_bucket
+    from latency_proxy import LatencyProxy
+    from mmdata.verify import check_dataset
+    make_bucket(s3, "mm-verify")
+    fs = s3fs.S3FileSystem(**s3)
+    fs.put(str(demo_dataset), "mm-verify/demo", recursive=True)
+    shard = Path(demo_dataset) / "shard-000001.tar"
+    fs.pipe("mm-verify/demo/shard-000001.tar", shard.read_bytes() + bytes(32 << 20))
+    with LatencyProxy(s3["endpoint_url"], delay_s=0.0) as proxy:
+        report = check_dataset("s3://mm-verify/demo", {**s3, "endpoint_url": proxy.url})
+        fetched = proxy.body_bytes
+    size = shard.stat().st_size
+    assert f"shard-000001.tar: larger than the {size} bytes dataset.json says (not read further); it was " \
+           f"replaced: rebuild the dataset" in report.problems
+    assert report.samples == 48 - pq.read_metadata(Path(demo_dataset) / "index" / "shard-000001.parquet").num_rows
+    assert fetched < 8 << 20    # the dataset once, not the 32 MB behind the replaced shard's first bytes
