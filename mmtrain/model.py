@@ -26,6 +26,7 @@ from mmdata.config import ConfigError, require, require_choice
 from mmdata.schema import MODALITIES
 
 INIT_STD = 0.02   # learned position and modality embeddings start small next to the (unit-scale) inputs
+MAX_LAYERS = 1024   # per stack: far past any trained model; a typo like 1e9 fails here, not after building layers
 
 
 @dataclass
@@ -74,9 +75,11 @@ class ModelConfig:
                     f"once per stride-2 convolution; got {self.patch_size} (or set model.image_stem=patch)")
         require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         require(self.temperature > 0, "temperature", "must be positive")
-        require(self.audio_convs >= 0, "audio_convs", f"must be >= 0; got {self.audio_convs}")
+        require(0 <= self.audio_convs <= MAX_LAYERS, "audio_convs",
+                f"must be in [0, {MAX_LAYERS}]; got {self.audio_convs}")
         for name in ("text_layers", "image_layers", "audio_layers", "fusion_layers"):
-            require(getattr(self, name) >= 1, name, "must be at least 1")
+            require(1 <= getattr(self, name) <= MAX_LAYERS, name,
+                    f"must be in [1, {MAX_LAYERS}]; got {getattr(self, name)}")
 
 
 def transformer(config: ModelConfig, layers: int) -> nn.TransformerEncoder:

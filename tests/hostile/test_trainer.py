@@ -139,6 +139,11 @@ BAD_CONFIGS = {
     "image_weights a folder": (lambda t: [f"model.image_weights={t}"], "model.image_weights",
                                "is not a regular file"),
     "heads zero": (lambda t: ["model.heads=0"], "model.heads", "must be positive"),
+    # a typo'd layer count fails at once instead of spending minutes and gigabytes building layers
+    "a billion text layers": (lambda t: ["model.text_layers=1000000000"], "model.text_layers",
+                              "must be in [1, 1024]; got 1000000000"),
+    "a billion audio convolutions": (lambda t: ["model.audio_convs=1000000000"], "model.audio_convs",
+                                     "must be in [0, 1024]; got 1000000000"),
     "nan classify_weight": (lambda t: ["train.classify_weight=.nan"], "train.classify_weight", "finite"),
     "infinite lr": (lambda t: ["optim.lr=.inf"], "optim.lr", "finite"),
 }
