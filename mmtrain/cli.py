@@ -124,15 +124,25 @@ def launch(args) -> int:
         rank, failure = e.get_first_failure()
         if failure.exitcode > 0:
             return failure.exitcode            # the rank printed its error (one line) before exiting
-        import signal
-        name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "?"
-        return fail(f"rank {rank} was killed by {name}; if it ran out of memory, lower data.loader.batch_size or "
-                    f"data.loader.num_workers", EXIT_STOPPED)
+        return fail(killed_message(rank, -failure.exitcode), EXIT_STOPPED)
     except SignalException as e:               # Ctrl-C or a scheduler's SIGTERM, caught by torchrun's agent
         print(f"interrupted ({e.sigval.name}); resume with the same command (from the last checkpoint)",
               file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     return 0
+
+
+def killed_message(rank: int, signum: int) -> str:
+    """What a rank's death by a signal most likely means, and what to do."""
+    import signal
+    name = signal.Signals(signum).name if signum in signal.valid_signals() else f"signal {signum}"
+    if signum == signal.SIGKILL:
+        return (f"rank {rank} was killed by SIGKILL, most often the kernel's out-of-memory killer (dmesg names "
+                f"it): lower data.loader.batch_size or data.loader.num_workers")
+    if signum in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE):
+        return (f"rank {rank} crashed in native code ({name}); run again with PYTHONFAULTHANDLER=1 in the "
+                f"environment to print where, and report it with that trace")
+    return f"rank {rank} was killed by {name}, sent from outside this run; resume with the same command"
 
 
 def lost_peer(e: RuntimeError) -> bool:

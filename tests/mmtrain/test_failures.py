@@ -186,3 +186,16 @@ def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_stops_at_once():
 def test_format_metrics_prints_the_skipped_count_nowhere_as_a_score():
     from mmtrain.evaluate import format_metrics
     assert "skipped" not in format_metrics({"accuracy": 0.5, "accuracy/n": 10, "skipped": 3})
+
+
+@pytest.mark.parametrize("signum, says", [
+    (signal.SIGKILL, "rank 1 was killed by SIGKILL, most often the kernel's out-of-memory killer"),
+    (signal.SIGSEGV, "rank 1 crashed in native code (SIGSEGV); run again with PYTHONFAULTHANDLER=1"),
+    (signal.SIGABRT, "rank 1 crashed in native code (SIGABRT); run again with PYTHONFAULTHANDLER=1"),
+    (signal.SIGTERM, "rank 1 was killed by SIGTERM, sent from outside this run; resume with the same command"),
+])
+def test_a_rank_killed_by_a_signal_is_told_what_that_signal_most_likely_means(signum, says):
+    from mmtrain.cli import killed_message
+    message = killed_message(1, signum)
+    assert message.startswith(says)
+    assert ("batch_size" in message) == (signum == signal.SIGKILL)   # memory advice only where it applies
