@@ -4,7 +4,7 @@
     python benchmarks/bench_remote.py --dataset data/datasets/demo224 --workers 1 2 --delay-ms 20
 
 An S3 server (moto) runs on loopback behind a proxy that adds ``--delay-ms`` to every request
-(tests/latency_proxy.py), as a bucket in a far region would. Every reader decodes the same members with
+(tests/latency_proxy.py, in a process of its own), as a bucket in a far region would. Every reader decodes the same members with
 the same decode and collate code, batch 64, the same DataLoader worker counts, in this run:
 
 - mm, range reads: ``loader.read.cache_dir`` unset; each worker requests the byte ranges of its upcoming
@@ -44,7 +44,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bench_loader import decode_members  # noqa: E402
 from helpers import start_moto  # noqa: E402
-from latency_proxy import LatencyProxy  # noqa: E402
+from latency_proxy import ProxyProcess  # noqa: E402
 
 BUCKET = "mm-bench-remote"
 COLD_SAMPLES = 2000
@@ -66,7 +66,7 @@ class Run(NamedTuple):
     requests: int
 
 
-def timed(make_batches, samples_per_pass: int, passes: int, proxy: LatencyProxy | None) -> Run:
+def timed(make_batches, samples_per_pass: int, passes: int, proxy: ProxyProcess | None) -> Run:
     """``proxy`` None: the counts are the caller's (bench_peers.py, whose proxy is in its parent)."""
     if proxy:
         proxy.reset_counts()
@@ -204,7 +204,7 @@ def prepare_peers(python: Path, dataset: str, options: dict) -> dict[str, str] |
 
 
 def peer_run(python: Path, peer: str, url: str, endpoint: str, workers: int, batch: int, passes: int,
-             samples: int, proxy: LatencyProxy) -> Run | str:
+             samples: int, proxy: ProxyProcess) -> Run | str:
     """One timed run of a peer, in a process of its own that times itself with ``timed``; the proxy's counts
     from before its start to after its exit (it makes no request before its timed part). A string: why not."""
     proxy.reset_counts()
@@ -272,7 +272,7 @@ def main() -> None:
         url = upload(args.dataset, options)
         python = peers_python() if args.peers else None
         shards = [f"{url}/{s['name']}" for s in description["shards"]]
-        with LatencyProxy(options["endpoint_url"], delay_s=args.delay_ms / 1000) as proxy:
+        with ProxyProcess(options["endpoint_url"], delay_s=args.delay_ms / 1000) as proxy:
             through = {**options, "endpoint_url": proxy.url}
             print(f"\nremote: {url} ({samples} samples, {size / 1e6:.1f} MB) behind {args.delay_ms:g} ms per "
                   f"request; batch {args.batch}, {args.passes} passes")

@@ -7,12 +7,19 @@ Every request waits ``delay_s`` before it is forwarded (a round trip to a far re
 of what the next ranged GETs meet, one each: ``"stall"`` (no answer for ``stall_s``), ``"503"`` (S3's
 SlowDown), ``"reset"`` (half the body, then the connection is cut). It counts requests and body bytes
 sent, so a test can check what a reader fetched.
+
+``ProxyProcess`` runs one in a process of its own (``python latency_proxy.py UPSTREAM --delay-ms 20``), as a
+benchmark wants: a far server's work is not done under the reader's GIL. Its counts are read over HTTP
+(``GET /__counts``, ``POST /__reset``: not forwarded, not counted).
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import socket
+import subprocess
+import sys
 import struct
 import threading
 import time
@@ -71,6 +78,17 @@ class LatencyProxy:
             self.requests = self.ranged_requests = self.body_bytes = 0
 
     def forward(self, handler: BaseHTTPRequestHandler) -> None:
+        if handler.path in ("/__counts", "/__reset"):
+            if handler.path == "/__reset":
+                self.reset_counts()
+            with self.lock:
+                counts = {"requests": self.requests, "body_bytes": self.body_bytes}
+            handler.send_response(200)
+            data = json.dumps(counts).encode()
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+            return
         time.sleep(self.delay_s)
         ranged = handler.command == "GET" and "Range" in handler.headers
         fault = None
@@ -129,3 +147,53 @@ class LatencyProxy:
         handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         handler.close_connection = True
         handler.connection.close()
+
+
+class ProxyProcess:
+    """A LatencyProxy in a child process, with the same url, reset_counts, requests and body_bytes."""
+
+    def __init__(self, upstream: str, delay_s: float = 0.02):
+        self.process = subprocess.Popen([sys.executable, __file__, upstream, "--delay-s", str(delay_s)],
+                                        stdout=subprocess.PIPE, text=True)
+        self.url = self.process.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self.process.kill()
+            raise RuntimeError("the latency proxy did not start")
+
+    def __enter__(self) -> "ProxyProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+    def counts(self, path: str = "/__counts") -> dict:
+        address = self.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(address[0], int(address[1]), timeout=30)
+        try:
+            connection.request("POST" if path == "/__reset" else "GET", path)
+            return json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+
+    def reset_counts(self) -> None:
+        self.counts("/__reset")
+
+    @property
+    def requests(self) -> int:
+        return self.counts()["requests"]
+
+    @property
+    def body_bytes(self) -> int:
+        return self.counts()["body_bytes"]
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="a latency-adding HTTP proxy in front of UPSTREAM")
+    parser.add_argument("upstream")
+    parser.add_argument("--delay-s", type=float, default=0.02)
+    args = parser.parse_args()
+    proxy = LatencyProxy(args.upstream, delay_s=args.delay_s)
+    print(proxy.url, flush=True)
+    proxy.server.serve_forever()

@@ -273,3 +273,24 @@ def test_a_forked_worker_makes_its_own_s3_session_on_the_parents_parsed_service_
     os.waitpid(pid, 0)
     own, _ = storage.filesystem(remote + "/dataset.json", {**s3, "profile": None})
     assert "session" not in own.storage_options
+
+
+def test_the_benchmarks_proxy_process_forwards_delays_and_counts(remote, s3):
+    """make bench-loader's proxy runs in a process of its own (a far server's work is not the reader's):
+    it forwards, adds its delay, and reports and resets its counts without counting those requests."""
+    import time
+
+    import s3fs
+
+    from latency_proxy import ProxyProcess
+    with ProxyProcess(s3["endpoint_url"], delay_s=0.05) as proxy:
+        fs = s3fs.S3FileSystem(**{**s3, "endpoint_url": proxy.url}, skip_instance_cache=True)
+        start = time.perf_counter()
+        data = fs.cat_file(remote.removeprefix("s3://") + "/dataset.json")
+        assert time.perf_counter() - start >= 0.05 and data[:1] == b"{"
+        assert proxy.requests >= 1 and proxy.body_bytes >= len(data)
+        proxy.reset_counts()
+        assert (proxy.requests, proxy.body_bytes) == (0, 0)
+        fs.cat_file(remote.removeprefix("s3://") + "/dataset.json", start=0, end=10)
+        assert (proxy.requests, proxy.body_bytes) == (1, 10)
+    assert proxy.process.poll() is not None
