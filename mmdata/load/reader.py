@@ -370,9 +370,12 @@ class ShardReader:
             return
         in_flight = [url for url, f in self._downloads.items() if not f.done()]
         coming = sum(self._download_bytes.get(url, 0) for url in in_flight)   # not in the folder yet
-        free = self.config.cache_bytes - coming - sum(size for _, _, size in cached_shards(
-            storage.local_path(self.config.cache_dir)))
-        running = len(in_flight)
+        folder = storage.local_path(self.config.cache_dir)
+        free = self.config.cache_bytes - coming - sum(size for _, _, size in cached_shards(folder))
+        # other processes' downloads count too: ahead of need, this one waits for theirs (the first batches'
+        # shards, which the main process starts while the workers fork) instead of competing with them
+        mine = {claim_path(self.cache_path(url)).name for url in in_flight}
+        running = len(in_flight) + len(others_claims(folder, mine, self.claim_stale_after))
         while self._wanted and running < PREFETCH_SHARDS:
             url, total = next(iter(self._wanted.items()))
             if url in self._downloads or self.cache_path(url).exists():
@@ -776,6 +779,15 @@ def claim_is_stale(claim: Path, stale_after: float) -> bool:
     if here and not storage.process_alive(int(owner[1])):
         return True
     return age > stale_after                   # a claim being written, or unreadable, expires by age alone
+
+
+def others_claims(folder: Path, mine: set[str], stale_after: float) -> list[str]:
+    """The live download claims in the cache folder that are not among ``mine`` (names)."""
+    try:
+        names = [e.name for e in os.scandir(folder) if e.name.endswith(".claim") and e.name not in mine]
+    except FileNotFoundError:
+        return []
+    return [n for n in names if not claim_is_stale(folder / n, stale_after)]
 
 
 def claim_path(path: Path) -> Path:

@@ -148,6 +148,31 @@ def test_the_main_process_downloads_the_first_batches_shards_while_workers_start
     loader.close()
 
 
+def test_downloads_ahead_of_need_wait_for_those_other_processes_run(remote, s3, tmp_path):
+    """The main process starts the workers' first batches' shards while they fork; a worker's downloads for
+    later batches wait for those (a live claim file each) rather than compete with them for the link."""
+    import os
+    import socket
+
+    import s3fs
+
+    from mmdata.load.reader import PREFETCH_SHARDS, claim_path
+    reader = ShardReader(ReadConfig(storage_options=s3, cache_dir=str(tmp_path), cache_bytes=1 << 30))
+    shards = [f"{remote}/shard-{i:06d}.tar" for i in range(PREFETCH_SHARDS + 1)]
+    claims = [claim_path(reader.cache_path(url)) for url in shards[:PREFETCH_SHARDS]]
+    for claim in claims:     # downloads of another process on this machine, alive
+        claim.write_text(f"{socket.gethostname()} {os.getppid()}")
+    size = s3fs.S3FileSystem(**s3).size(shards[-1].removeprefix("s3://"))
+    reader.prefetch([shards[-1]], [size])
+    assert not reader._downloads                          # queued behind theirs
+    claims[0].unlink()                                    # one of theirs is done
+    reader.prefetch([], [])
+    assert list(reader._downloads) == [shards[-1]]
+    reader.wait_for_downloads()
+    assert reader.cache_path(shards[-1]).exists()
+    reader.close()
+
+
 def test_range_reads_resume_mid_epoch_on_the_same_batches(demo_dataset, remote, proxy, s3):
     config = loader_config(remote, batch_size=4, num_workers=1, seed=5, worker_transport="pickle")
     config.read.storage_options = through(proxy, s3)
