@@ -24,6 +24,7 @@ proxy sent, against the dataset's size; and the requests it answered.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -260,6 +261,10 @@ def main() -> None:
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also LitData and MosaicML Streaming, from .bench-peers (made when missing)")
     args = parser.parse_args()
+    # imported before any clock starts, as bench_peers.py imports the peers' (here, not at the top: the
+    # peers' environment imports this module for ``timed`` and has neither)
+    for module in ("mmdata.load.loader", "webdataset", "webdataset.tariterators"):
+        importlib.import_module(module)
     description = json.loads((Path(args.dataset) / "dataset.json").read_text())
     samples = description["totals"]["written"]
     size = sum(s["bytes"] for s in description["shards"])

@@ -372,10 +372,12 @@ class ShardReader:
         coming = sum(self._download_bytes.get(url, 0) for url in in_flight)   # not in the folder yet
         folder = storage.local_path(self.config.cache_dir)
         free = self.config.cache_bytes - coming - sum(size for _, _, size in cached_shards(folder))
-        # other processes' downloads count too: ahead of need, this one waits for theirs (the first batches'
-        # shards, which the main process starts while the workers fork) instead of competing with them
-        mine = {claim_path(self.cache_path(url)).name for url in in_flight}
-        running = len(in_flight) + len(others_claims(folder, mine, self.claim_stale_after))
+        running = len(in_flight)
+        if not self._batches_read:
+            # before a pass's first batch, other processes' downloads count too: the first batches' shards,
+            # which the main process starts while the workers fork, come down before anything ahead of need
+            mine = {claim_path(self.cache_path(url)).name for url in in_flight}
+            running += len(others_claims(folder, mine, self.claim_stale_after))
         while self._wanted and running < PREFETCH_SHARDS:
             url, total = next(iter(self._wanted.items()))
             if url in self._downloads or self.cache_path(url).exists():

@@ -149,8 +149,9 @@ def test_the_main_process_downloads_the_first_batches_shards_while_workers_start
 
 
 def test_downloads_ahead_of_need_wait_for_those_other_processes_run(remote, s3, tmp_path):
-    """The main process starts the workers' first batches' shards while they fork; a worker's downloads for
-    later batches wait for those (a live claim file each) rather than compete with them for the link."""
+    """The main process starts the workers' first batches' shards while they fork; before its first batch,
+    a worker's downloads for later batches wait for those (a live claim file each) rather than compete with
+    them for the link."""
     import os
     import socket
 
