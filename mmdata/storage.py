@@ -8,6 +8,7 @@ object or the new one) and server-side copies.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -81,11 +82,7 @@ def with_s3_session(storage_options: dict) -> dict:
     (the parsed descriptions, plain data), made by the first process that needed it and inherited by
     forks, so a worker's first request takes 0.11 s. Credentials stay per process: each has its own
     session. Options that s3fs hands to the session it makes (``profile``, ...) keep s3fs's own session."""
-    import inspect
-
-    from s3fs import S3FileSystem
-    named = set(inspect.signature(S3FileSystem.__init__).parameters) - {"self", "kwargs", "session"}
-    if not set(storage_options) <= named:
+    if not set(storage_options) <= s3fs_parameters():
         return storage_options
     global _s3_session, _s3_loader
     if _s3_session is None or _s3_session[0] != os.getpid():
@@ -97,6 +94,16 @@ def with_s3_session(storage_options: dict) -> dict:
             session.register_component("data_loader", _s3_loader)
         _s3_session = (os.getpid(), session)
     return {**storage_options, "session": _s3_session[1]}
+
+
+@functools.cache
+def s3fs_parameters() -> frozenset[str]:
+    """The options S3FileSystem names (it hands any others to the session it makes); looked up once: a
+    signature costs 0.3 ms, and every range request asks for its filesystem."""
+    import inspect
+
+    from s3fs import S3FileSystem
+    return frozenset(inspect.signature(S3FileSystem.__init__).parameters) - {"self", "kwargs", "session"}
 
 
 _s3_session = None    # (pid, AioSession): a forked process makes its own
