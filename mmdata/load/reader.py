@@ -24,6 +24,7 @@ import hashlib
 import mmap
 import os
 import socket
+import stat
 import threading
 import time
 from collections import OrderedDict, deque
@@ -773,7 +774,10 @@ def take_claim(claim: Path, stale_after: float) -> bool:
 
 def claim_is_stale(claim: Path, stale_after: float) -> bool:
     try:
-        age = time.time() - claim.stat().st_mtime
+        st = claim.stat()
+        if not stat.S_ISREG(st.st_mode):       # a FIFO would block the read below for ever
+            return False
+        age = time.time() - st.st_mtime
         owner = claim.read_text(errors="replace").split()
     except OSError:                            # gone meanwhile, or not a file: not ours to take
         return False

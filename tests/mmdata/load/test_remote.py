@@ -320,3 +320,16 @@ def test_the_benchmarks_proxy_process_forwards_delays_and_counts(remote, s3):
         fs.cat_file(remote.removeprefix("s3://") + "/dataset.json", start=0, end=10)
         assert (proxy.requests, proxy.body_bytes) == (1, 10)
     assert proxy.process.poll() is not None
+
+
+def test_a_claim_that_is_not_a_regular_file_is_never_read(tmp_path):
+    """Claims are read to learn their owner; a FIFO in their place would block that read for ever. It is
+    counted as a live claim without being opened."""
+    import os
+
+    from mmdata.load.reader import claim_is_stale, others_claims
+    os.mkfifo(tmp_path / ".shard-000000.tar.claim")
+    (tmp_path / ".shard-000001.tar.claim").mkdir()
+    assert not claim_is_stale(tmp_path / ".shard-000000.tar.claim", stale_after=0.0)
+    assert sorted(others_claims(tmp_path, set(), stale_after=0.0)) == [".shard-000000.tar.claim",
+                                                                        ".shard-000001.tar.claim"]
