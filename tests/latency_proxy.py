@@ -5,8 +5,14 @@ distance, for tests and `make bench-loader`.
 
 Every request waits ``delay_s`` before it is forwarded (a round trip to a far region). ``faults`` is a queue
 of what the next ranged GETs meet, one each: ``"stall"`` (no answer for ``stall_s``), ``"503"`` (S3's
-SlowDown), ``"reset"`` (half the body, then the connection is cut). It counts requests and body bytes
+SlowDown), ``"403"`` (AccessDenied, as to an expired signature), ``"norange"`` (forwarded without its Range
+header: the whole object comes back), ``"reset"`` (half the body, then the connection is cut). It counts requests and body bytes
 sent, so a test can check what a reader fetched.
+
+With ``memory=True`` (the benchmark's), a GET of an object is answered from the proxy's memory after one
+whole GET of it from upstream: moto answers about 160 requests/s in its one interpreter whatever the
+cores (measured), a ceiling that S3 does not have and that would set the rate of any reader making many
+requests. Every other request (HEAD, listings, uploads) goes upstream; an upload or delete drops the copy.
 
 ``ProxyProcess`` runs one in a process of its own (``python latency_proxy.py UPSTREAM --delay-ms 20``), as a
 benchmark wants: a far server's work is not done under the reader's GIL. Its counts are read over HTTP
@@ -25,10 +31,12 @@ import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b'<Message>Please reduce your request rate.</Message></Error>')
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                 b'<Message>Request has expired</Message></Error>')
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -38,11 +46,18 @@ class QuietServer(ThreadingHTTPServer):
         pass   # a connection the proxy cut on purpose, or a client gone: nothing to report
 
 
+# query parameters of a plain object GET (a presigned URL's, an SDK's); any other (list-type, uploads...) goes upstream
+SIGNING_PARAMETERS = {"AWSAccessKeyId", "Signature", "Expires", "x-id"}
+KEPT_HEADERS = ("ETag", "Last-Modified", "Content-Type", "Accept-Ranges", "x-amz-request-id")
+
+
 class LatencyProxy:
-    def __init__(self, upstream: str, delay_s: float = 0.02, stall_s: float = 30.0):
+    def __init__(self, upstream: str, delay_s: float = 0.02, stall_s: float = 30.0, memory: bool = False):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.delay_s, self.stall_s = delay_s, stall_s
+        self.memory = memory
+        self.objects: dict[str, tuple[dict, bytes]] = {}   # path -> (headers, body) of objects read once
         self.faults: deque[str] = deque()
         self.requests = 0
         self.ranged_requests = 0
@@ -52,6 +67,9 @@ class LatencyProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # the body's last segment must not wait for the client's delayed ACK of the headers' (Nagle):
+            # that adds 40 ms to a request on loopback, twice the latency the proxy is there to add
+            disable_nagle_algorithm = True
 
             def log_message(self, *args) -> None:
                 pass
@@ -104,12 +122,24 @@ class LatencyProxy:
         if fault == "503":
             self.answer(handler, 503, {"Content-Type": "application/xml"}, SLOW_DOWN)
             return
+        if fault == "403":
+            self.answer(handler, 403, {"Content-Type": "application/xml"}, ACCESS_DENIED)
+            return
+        dropped = ("range",) if fault == "norange" else ()
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else None
+        if self.memory:
+            key = object_key(handler.path)
+            if handler.command == "GET" and key is not None and fault is None:
+                self.answer(handler, *self.from_memory(key, handler))
+                return
+            if handler.command not in ("GET", "HEAD"):
+                self.objects.pop(urlsplit(handler.path).path, None)
         upstream = http.client.HTTPConnection(*self.upstream, timeout=60)
         try:
             upstream.request(handler.command, handler.path, body=body,
-                             headers={k: v for k, v in handler.headers.items() if k.lower() != "connection"})
+                             headers={k: v for k, v in handler.headers.items()
+                                      if k.lower() not in ("connection", *dropped)})
             response = upstream.getresponse()
             data = response.read()
             headers = {k: v for k, v in response.getheaders()
@@ -122,6 +152,35 @@ class LatencyProxy:
             self.cut_short(handler, response.status, headers, data)
             return
         self.answer(handler, response.status, headers, data, head=handler.command == "HEAD")
+
+    def from_memory(self, key: str, handler: BaseHTTPRequestHandler) -> tuple[int, dict, bytes]:
+        """(status, headers, body) of a GET of object ``key``: fetched whole once (as the request asked for
+        it, less its range), then sliced."""
+        ranged = handler.headers.get("Range")
+        if key not in self.objects:
+            upstream = http.client.HTTPConnection(*self.upstream, timeout=60)
+            try:
+                upstream.request("GET", handler.path, headers={k: v for k, v in handler.headers.items()
+                                                               if k.lower() not in ("connection", "range")})
+                response = upstream.getresponse()
+                data = response.read()
+                if response.status != 200:   # NoSuchKey and the like: passed on, not kept
+                    return response.status, {"Content-Type": "application/xml"}, data
+                kept = {k: response.getheader(k) for k in KEPT_HEADERS if response.getheader(k)}
+            finally:
+                upstream.close()
+            self.objects[key] = (kept, data)
+        headers, data = self.objects[key]
+        if not ranged:
+            return 200, dict(headers), data
+        first, _, last = ranged.removeprefix("bytes=").partition("-")
+        size = len(data)
+        start, end = (size - int(last), size) if not first else (int(first), min(size, int(last or size - 1) + 1))
+        if start >= size or start < 0:
+            return 416, {"Content-Type": "application/xml"}, (
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidRange</Code>'
+                b'<Message>The requested range is not satisfiable</Message></Error>')
+        return 206, {**headers, "Content-Range": f"bytes {start}-{end - 1}/{size}"}, data[start:end]
 
     def answer(self, handler, status: int, headers: dict, data: bytes, head: bool = False) -> None:
         handler.send_response(status)
@@ -149,12 +208,23 @@ class LatencyProxy:
         handler.connection.close()
 
 
+def object_key(path: str) -> str | None:
+    """The /bucket/key of a plain object GET, or None (a listing, a bucket, an upload's parts...)."""
+    parts = urlsplit(path)
+    if parts.path.count("/") < 2 or parts.path.endswith("/"):
+        return None
+    names = {name for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    if any(name not in SIGNING_PARAMETERS and not name.startswith("X-Amz-") for name in names):
+        return None
+    return parts.path
+
+
 class ProxyProcess:
     """A LatencyProxy in a child process, with the same url, reset_counts, requests and body_bytes."""
 
-    def __init__(self, upstream: str, delay_s: float = 0.02):
-        self.process = subprocess.Popen([sys.executable, __file__, upstream, "--delay-s", str(delay_s)],
-                                        stdout=subprocess.PIPE, text=True)
+    def __init__(self, upstream: str, delay_s: float = 0.02, memory: bool = False):
+        self.process = subprocess.Popen([sys.executable, __file__, upstream, "--delay-s", str(delay_s),
+                                         *(["--memory"] if memory else [])], stdout=subprocess.PIPE, text=True)
         self.url = self.process.stdout.readline().strip()
         if not self.url.startswith("http://"):
             self.process.kill()
@@ -193,7 +263,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="a latency-adding HTTP proxy in front of UPSTREAM")
     parser.add_argument("upstream")
     parser.add_argument("--delay-s", type=float, default=0.02)
+    parser.add_argument("--memory", action="store_true", help="answer object GETs from memory (see above)")
     args = parser.parse_args()
-    proxy = LatencyProxy(args.upstream, delay_s=args.delay_s)
+    proxy = LatencyProxy(args.upstream, delay_s=args.delay_s, memory=args.memory)
     print(proxy.url, flush=True)
     proxy.server.serve_forever()

@@ -41,11 +41,15 @@ class CountingProxy(LatencyProxy):
         super().__init__(*args, **kwargs)
         self.in_flight = self.most_in_flight = 0
         self.ranges: list[str | None] = []   # each request's Range header
+        self.paths: list[str] = []           # and path, with its query
+        self.signed_by_header: list[bool] = []   # whether it carried an Authorization header
         self.gauge = threading.Lock()
 
     def forward(self, handler) -> None:
         with self.gauge:
             self.ranges.append(handler.headers.get("Range"))
+            self.paths.append(handler.path)
+            self.signed_by_header.append("Authorization" in handler.headers)
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -202,10 +206,12 @@ def shard_of(remote: str, s3) -> tuple[str, int, bytes]:
     return url, len(data), data
 
 
-@pytest.mark.parametrize("fault", ["503", "reset", "stall"])
-def test_a_fault_is_retried_and_never_gives_a_wrong_byte(remote, proxy, s3, fault):
+@pytest.mark.parametrize("presigned", [True, False], ids=["presigned", "s3fs"])
+@pytest.mark.parametrize("fault", ["503", "reset", "stall", "403", "norange"])
+def test_a_fault_is_retried_and_never_gives_a_wrong_byte(remote, proxy, s3, fault, presigned):
     url, size, data = shard_of(remote, s3)
-    reader = ShardReader(ReadConfig(storage_options=through(proxy, s3), timeout_s=1.0, retries=2, backoff_s=0.05))
+    reader = ShardReader(ReadConfig(storage_options=through(proxy, s3), timeout_s=1.0, retries=2, backoff_s=0.05,
+                                    presigned=presigned))
     ranges = [(512 * k, 700) for k in range(0, 8)]
     try:
         reader.read(url, [(0, 1)], size)           # the connection and the object's metadata, before the fault
@@ -322,6 +328,42 @@ def test_the_benchmarks_proxy_process_forwards_delays_and_counts(remote, s3):
     assert proxy.process.poll() is not None
 
 
+def test_the_benchmarks_proxy_can_answer_object_gets_from_memory_as_s3_would(remote, s3):
+    """moto answers ~160 requests/s in one interpreter; the benchmark's proxy keeps each object it has read
+    once and answers GETs and range GETs of it itself, byte for byte what moto gives. Listings and HEADs go
+    to moto; an upload through the proxy replaces what it kept."""
+    import s3fs
+    import urllib3
+
+    url, size, data = shard_of(remote, s3)
+    key = url.removeprefix("s3://")
+    with LatencyProxy(s3["endpoint_url"], delay_s=0.0, memory=True) as proxy:
+        fs = s3fs.S3FileSystem(**{**s3, "endpoint_url": proxy.url}, skip_instance_cache=True)
+        assert fs.cat_file(key) == data
+        assert fs.cat_file(key, start=100, end=200) == data[100:200]
+        assert list(proxy.objects) == ["/" + key]          # fetched from moto once, whole
+        signed = fs.url(key)
+        http = urllib3.PoolManager()
+        for header, expected in (("bytes=-10", data[-10:]), (f"bytes={size - 5}-", data[-5:]),
+                                 ("bytes=0-0", data[:1]), (f"bytes=10-{size + 100}", data[10:])):
+            response = http.request("GET", signed, headers={"Range": header})
+            assert (response.status, response.data) == (206, expected), header
+            assert response.headers["Content-Range"].endswith(f"/{size}")
+        assert http.request("GET", signed, headers={"Range": f"bytes={size}-"}).status == 416
+        assert http.request("GET", fs.url(key + ".missing")).status == 404
+        assert sorted(fs.ls(remote.removeprefix("s3://") + "/index")) == sorted(
+            s3fs.S3FileSystem(**s3, skip_instance_cache=True).ls(remote.removeprefix("s3://") + "/index"))
+        reader = ShardReader(ReadConfig(storage_options={**s3, "endpoint_url": proxy.url}))
+        try:
+            assert bytes(reader.read(url, [(512, 1000)], size)[0]) == data[512:1512]
+        finally:
+            reader.close()
+        fs.pipe_file(key + ".new", b"first")
+        assert fs.cat_file(key + ".new") == b"first"
+        fs.pipe_file(key + ".new", b"second")
+        assert fs.cat_file(key + ".new") == b"second"
+
+
 def test_a_claim_that_is_not_a_regular_file_is_never_read(tmp_path):
     """Claims are read to learn their owner; a FIFO in their place would block that read for ever. It is
     counted as a live claim without being opened."""
@@ -333,3 +375,72 @@ def test_a_claim_that_is_not_a_regular_file_is_never_read(tmp_path):
     assert not claim_is_stale(tmp_path / ".shard-000000.tar.claim", stale_after=0.0)
     assert sorted(others_claims(tmp_path, set(), stale_after=0.0)) == [".shard-000000.tar.claim",
                                                                         ".shard-000001.tar.claim"]
+
+
+def test_range_reads_and_downloads_go_through_presigned_urls_unless_turned_off(remote, proxy, s3, tmp_path):
+    """A presigned URL is signed once per shard; every range of it is then a plain GET (a quarter of s3fs's
+    CPU per request). Off, each request is signed by botocore in its Authorization header. Same bytes."""
+    url, size, data = shard_of(remote, s3)
+    ranges = [(1000 * k, 300) for k in range(6)]
+    for presigned in (True, False):
+        proxy.paths.clear()
+        proxy.signed_by_header.clear()
+        reader = ShardReader(ReadConfig(storage_options=through(proxy, s3), presigned=presigned))
+        try:
+            got = reader.read_batch([url] * len(ranges), [[o] for o, _ in ranges], [[n] for _, n in ranges],
+                                    [o + n for o, n in ranges], [size] * len(ranges))
+        finally:
+            reader.close()
+        assert [bytes(g[0]) for g in got] == [data[o:o + n] for o, n in ranges]
+        shard_requests = [(p, h) for p, h in zip(proxy.paths, proxy.signed_by_header) if "shard-000001" in p]
+        assert len(shard_requests) == len(ranges)
+        if presigned:
+            assert all("Signature=" in p and not h for p, h in shard_requests), shard_requests
+        else:
+            assert all("Signature=" not in p and h for p, h in shard_requests), shard_requests
+    # a cached shard comes down in one GET, not one per chunk
+    proxy.paths.clear()
+    reader = ShardReader(ReadConfig(storage_options=through(proxy, s3), cache_dir=str(tmp_path), cache_bytes=1 << 30))
+    try:
+        assert reader.wait_for_copy(url, size)
+    finally:
+        reader.close()
+    assert (tmp_path / cache_name(url)).read_bytes() == data
+    assert len([p for p in proxy.paths if "shard-000001" in p]) == 1, proxy.paths
+
+
+def test_an_expired_signature_is_renewed_at_once_and_a_refusal_named(remote, proxy, s3):
+    url, size, data = shard_of(remote, s3)
+    reader = ShardReader(ReadConfig(storage_options=through(proxy, s3), retries=0))   # no second attempt
+    try:
+        reader.read(url, [(0, 1)], size)
+        proxy.faults.append("403")     # the signature expired: signed again within the same attempt
+        assert bytes(reader.read(url, [(4096, 100)], size)[0]) == data[4096:4196]
+        proxy.faults.extend(["403", "403"])   # refused again after signing anew: an error naming the code
+        got = reader.read_batch([url], [[1024]], [[100]], [1124], [size])
+    finally:
+        reader.close()
+        proxy.faults.clear()
+    assert isinstance(got[0], ShardReadError)
+    assert "HTTP 403: AccessDenied" in str(got[0]) and "byte range [1024, 1124)" in str(got[0]), got[0]
+
+
+@pytest.mark.parametrize("options, env, usable", [
+    ({"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}, {}, True),
+    ({"anon": True, "client_kwargs": {"region_name": "eu-west-1"}}, {}, True),
+    ({"requester_pays": True}, {}, False),                           # a header the GET must carry
+    ({"s3_additional_kwargs": {"SSECustomerKey": "k"}}, {}, False),
+    ({"version_aware": True}, {}, False),
+    ({"client_kwargs": {"verify": "/etc/my-ca.pem"}}, {}, False),    # TLS as botocore does it
+    ({"config_kwargs": {"proxies": {"https": "http://proxy:3128"}}}, {}, False),
+    ({}, {"HTTPS_PROXY": "http://proxy:3128"}, False),               # botocore honours it, a bare pool would not
+], ids=["keys", "anon", "requester-pays", "sse-c", "versions", "verify", "proxies", "proxy-env"])
+def test_presigned_urls_are_used_only_where_the_url_says_all_a_get_must(options, env, usable, monkeypatch):
+    from mmdata.load import presigned
+    for name in presigned.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert presigned.usable("s3://bucket/shard.tar", options) is usable
+    assert not presigned.usable("https://host/shard.tar", options)
