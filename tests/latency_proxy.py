@@ -41,6 +41,9 @@ ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDeni
 
 class QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: a reader opening dozens of connections at once would have
+    # SYNs dropped and wait a second for each retransmission, which no object store makes it do
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address) -> None:
         pass   # a connection the proxy cut on purpose, or a client gone: nothing to report

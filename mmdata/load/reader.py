@@ -19,7 +19,9 @@ is otherwise hard to find.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import hashlib
 import mmap
 import os
@@ -36,7 +38,7 @@ from torch.utils.data import get_worker_info
 
 from mmdata import storage
 from mmdata.config import require
-from mmdata.load.presigned import PresignedGets, RangeNotSatisfiable
+from mmdata.load.presigned import ObjectTooShort, PresignedGets
 from mmdata.load.presigned import usable as presigned_usable
 
 MAX_OPEN_FILES = 64
@@ -51,6 +53,7 @@ DOWNLOADS = 4                  # whole-shard downloads a worker runs at once int
 WHOLE_FIRST_BYTES = 16 << 20  # with a cache, even a first batch waits for shards this small to come down whole:
                                # a few large requests beat a range request per sample (below a second per shard)
 PREFETCH_SHARDS = 4            # and at most this many started ahead of their first read, running or queued
+RAMP_BYTES = 2 << 20           # read ahead of a pass's first batch, doubling with each batch up to read_ahead_bytes
 CLAIM_STALE_S = 60             # a download claim untouched this long (and at least 2 x timeout_s) is taken over
 
 
@@ -65,7 +68,7 @@ class ReadConfig:
     mmap: bool = True              # map local shards read-only: reads are slices, not copies (docs/loader.md)
     inflight: int = 32             # remote range requests in flight at once, per worker: latency hides behind them
     read_ahead_bytes: int = 64 << 20   # bytes of upcoming samples a worker requests before it needs them
-    presigned: bool = True         # S3 GETs through presigned URLs (a quarter of s3fs's CPU per request; presigned.py)
+    presigned: bool = True         # S3 GETs through presigned URLs: a tenth of s3fs's CPU per request (presigned.py)
 
     def validate(self) -> None:
         require(self.cache_bytes >= 0, "cache_bytes", f"must be >= 0; got {self.cache_bytes}")
@@ -156,8 +159,10 @@ class ShardReader:
         self._batches_read = 0   # in this pass: with a cache, only a first batch's samples are read by range
         self._wanted: OrderedDict[str, int | None] = OrderedDict()   # shards to download next, in order of need
         self._downloader: futures.ThreadPoolExecutor | None = None
-        self._gets = PresignedGets(config.storage_options, POOL_THREADS + config.inflight + DOWNLOADS)
+        self._gets = PresignedGets(connections=config.inflight + DOWNLOADS)
         self._presigned: dict[str, bool] = {}   # by URL scheme: whether its GETs go through presigned URLs
+        self._unsent: list = []                  # presigned requests made, to start together (``_send``)
+        self._filesystems: dict = {}             # by bucket
 
     def __getstate__(self) -> dict:
         """Only the config travels (to DataLoader workers): files, pools and plans belong to one process."""
@@ -402,6 +407,7 @@ class ShardReader:
                 if request.future is not None:
                     request.future.cancel()
         self._planned.clear()
+        self._unsent.clear()
         self._spans.clear()
         self._first.clear()
         self._ahead_bytes = 0
@@ -413,7 +419,8 @@ class ShardReader:
         planned = self._spans.get((url, start, end))
         if not planned:
             request = Request(url, start, end, shard_bytes, waiting=1)
-            request.future = self._fetch_pool().submit(self.read_span, url, start, end, shard_bytes)
+            request.future = self._submit_span(url, start, end, shard_bytes)
+            self._send()
             return Part(request, start, end)
         request = planned.popleft()
         if not planned:
@@ -428,22 +435,65 @@ class ShardReader:
         return Part(request, start, end)
 
     def _request_ahead(self) -> None:
-        if self._first:
-            if not all(f.done() for f in self._first):
-                return
+        """Request planned spans up to read_ahead_bytes (once a first batch's are answered), and start every
+        request made so far."""
+        if self._first and all(f.done() for f in self._first):
             self._first.clear()
-        limit = self.config.read_ahead_bytes
-        while self._planned and (self._ahead_bytes < limit or self._planned[0].future is not None):
+        # read ahead ramps up over a pass's first batches: all of it at once is hundreds of requests whose CPU
+        # (in this process and the server's) would compete with decoding the first batches
+        limit = min(self.config.read_ahead_bytes, RAMP_BYTES << min(self._batches_read, 20))
+        while not self._first and self._planned and (self._ahead_bytes < limit or self._planned[0].future is not None):
             if self._planned[0].future is not None:   # already requested for a batch that needed it early
                 self._planned.popleft()
                 continue
             self._request(self._planned.popleft())
+        self._send()
 
     def _request(self, request: "Request") -> None:
         if request.future is None:
-            request.future = self._fetch_pool().submit(self.read_span, request.url, request.start, request.end,
-                                                       request.shard_bytes)
+            request.future = self._submit_span(request.url, request.start, request.end, request.shard_bytes)
             self._ahead_bytes += request.end - request.start
+
+    def _submit_span(self, url: str, start: int, end: int, shard_bytes: int | None) -> futures.Future:
+        """``read_span``, started: on the event loop where GETs go through presigned URLs, else in a fetch
+        thread."""
+        if self.config.cache_dir or storage.is_local(url) or not self.presigned(url):
+            return self._fetch_pool().submit(self.read_span, url, start, end, shard_bytes)
+        future: futures.Future = futures.Future()
+        if shard_bytes is not None and end > shard_bytes:
+            future.set_exception(beyond_shard(url, start, end, f"{shard_bytes} bytes in dataset.json"))
+        else:
+            self._unsent.append((url, start, end, future))   # started by ``_send``, with the others
+        return future
+
+    def _send(self) -> None:
+        """Start the presigned requests made since the last call, in one wake-up of the event loop: one
+        each cost the loop's thread a wake-up (and the interpreter lock), 1 ms a request when a plan
+        starts hundreds at once."""
+        unsent, self._unsent = self._unsent, []
+        by_loop: dict = {}
+        for url, start, end, future in unsent:
+            fs = self._filesystem(url)
+            by_loop.setdefault(fs.loop, []).append((fs, url, start, end, future))
+        for loop, spans in by_loop.items():
+            loop.call_soon_threadsafe(self._start_spans, loop, spans)
+
+    def _start_spans(self, loop: asyncio.AbstractEventLoop, spans: list) -> None:
+        """On the event loop: a task for each span whose future nobody cancelled meanwhile; cancelling a
+        future later cancels its task (a plan forgotten)."""
+        for fs, url, start, end, future in spans:
+            if future.cancelled():
+                continue
+            task = loop.create_task(self._retrying_async(url, f"byte range [{start}, {end})",
+                                                         functools.partial(self._span, fs, url, start, end)))
+            task.add_done_callback(functools.partial(settle, future))
+            future.add_done_callback(lambda f, task=task: f.cancelled() and loop.call_soon_threadsafe(task.cancel))
+
+    def _filesystem(self, url: str):
+        bucket = url.split("/", 3)[2]
+        if bucket not in self._filesystems:
+            self._filesystems[bucket] = storage.filesystem(url, self.config.storage_options)[0]
+        return self._filesystems[bucket]
 
     def _fetch_pool(self) -> futures.ThreadPoolExecutor:
         if self._fetcher is None:
@@ -486,7 +536,6 @@ class ShardReader:
             self._fetcher.shutdown(wait=False, cancel_futures=True)
             self._fetcher = None
         self._discard_pool(cancel=True)
-        self._gets.close()
 
     # -- local files and cached copies
 
@@ -585,12 +634,20 @@ class ShardReader:
             raise too_big_to_cache(url, size, self.config.cache_bytes)
         dest.parent.mkdir(parents=True, exist_ok=True)
         make_room(dest.parent, size, self.config.cache_bytes)
+        what = f"download of the whole shard ({size} bytes)"
         if self.presigned(url):
-            source = lambda: self._gets.stream(url, self.config.timeout_s)  # noqa: E731
+            self._on_loop(fs, self._retrying_async(url, what, lambda: self._presigned_download(fs, url, dest, size,
+                                                                                               claim))).result()
         else:
-            source = lambda: fs.open(path, "rb")  # noqa: E731
-        self._retrying(url, f"download of the whole shard ({size} bytes)",
-                       lambda cancel: download(source, dest, size, cancel, claim))
+            self._retrying(url, what, lambda cancel: download(fs, path, dest, size, cancel, claim))
+
+    async def _presigned_download(self, fs, url: str, dest: Path, size: int, claim: Path | None) -> None:
+        tmp = storage.temp_path(dest)
+        try:
+            await self._gets.download(fs, url, tmp, size, self.config.timeout_s, claim)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def presigned(self, url: str) -> bool:
         """Whether this reader's GETs of ``url`` go through presigned URLs (presigned.py says when they may)."""
@@ -603,14 +660,29 @@ class ShardReader:
 
     def _read_remote(self, url: str, start: int, end: int) -> bytes:
         if self.presigned(url):
-            fetch = lambda _: fetch_presigned(self._gets, url, start, end, self.config.timeout_s)  # noqa: E731
-        else:
-            fs, path = storage.filesystem(url, self.config.storage_options)
-            fetch = lambda _: fetch_range(fs, path, url, start, end)  # noqa: E731
-        data = self._retrying(url, f"byte range [{start}, {end})", fetch)
+            return self._remote_span(url, start, end).result()
+        fs, path = storage.filesystem(url, self.config.storage_options)
+        data = self._retrying(url, f"byte range [{start}, {end})", lambda _: fetch_range(fs, path, url, start, end))
         if len(data) != end - start:
             raise truncated(url, start, end, f"the range returned {len(data)} bytes")
         return data
+
+    def _remote_span(self, url: str, start: int, end: int) -> futures.Future:
+        """Bytes [start, end) of a remote shard through its presigned URL: a request on the event loop, retried
+        there (``presigned`` says when)."""
+        fs = self._filesystem(url)
+        return self._on_loop(fs, self._retrying_async(url, f"byte range [{start}, {end})",
+                                                      functools.partial(self._span, fs, url, start, end)))
+
+    async def _span(self, fs, url: str, start: int, end: int) -> bytes:
+        try:
+            return await self._gets.get_range(fs, url, start, end, self.config.timeout_s)
+        except ObjectTooShort as e:
+            raise truncated(url, start, end, str(e)) from None
+
+    @staticmethod
+    def _on_loop(fs, coroutine) -> futures.Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, fs.loop)
 
     def _retrying(self, url: str, what: str, fn):
         """fn(cancel_event) with a timeout per attempt and exponential backoff between attempts.
@@ -622,14 +694,25 @@ class ShardReader:
                 time.sleep(self.config.backoff_s * 2 ** (attempt - 1))
             try:
                 return self._attempt(fn)
-            except FileNotFoundError:
-                raise ShardReadError(f"shard {url} does not exist ({what}; {worker_name()})") from None
-            except ShardReadError:
-                raise
             except Exception as e:  # noqa: BLE001 - every storage error is retried, then reported
-                last = str(e) if isinstance(e, _Stalled) else f"{type(e).__name__}: {e}"
-        raise ShardReadError(f"shard {url}: {what} failed after {attempts} attempts ({worker_name()}); "
-                             f"last error: {last}")
+                last = retryable(url, what, e)
+        raise out_of_attempts(url, what, attempts, last)
+
+    async def _retrying_async(self, url: str, what: str, attempt):
+        """``_retrying`` on the event loop: ``attempt()`` makes each try's coroutine; timeout_s bounds each."""
+        attempts = self.config.retries + 1
+        last = ""
+        for n in range(attempts):
+            if n:
+                await asyncio.sleep(self.config.backoff_s * 2 ** (n - 1))
+            try:
+                async with self._gets.slot():   # read.inflight at once: a request waiting for one is not timed
+                    return await asyncio.wait_for(attempt(), self.config.timeout_s)
+            except asyncio.TimeoutError:
+                last = stalled_message(self.config.timeout_s)
+            except Exception as e:  # noqa: BLE001 - every storage error is retried, then reported
+                last = retryable(url, what, e)
+        raise out_of_attempts(url, what, attempts, last)
 
     def _attempt(self, fn):
         """One try in the pool, so that a hung connection costs timeout_s instead of the whole job."""
@@ -640,7 +723,7 @@ class ShardReader:
         if not done:
             cancel.set()
             self._discard_pool(pool)
-            raise _Stalled(f"timeout: stalled for more than {self.config.timeout_s:g} s")
+            raise _Stalled(stalled_message(self.config.timeout_s))
         return future.result()
 
     def _executor(self) -> futures.ThreadPoolExecutor:
@@ -755,22 +838,45 @@ def exact_range(data: bytes, start: int, end: int) -> bytes:
     return data
 
 
-def fetch_presigned(gets: PresignedGets, url: str, start: int, end: int, timeout_s: float) -> bytes:
-    """``fetch_range`` through a presigned URL."""
+def settle(future: futures.Future, task: asyncio.Task) -> None:
+    """``task``'s outcome into ``future`` (unless it was cancelled meanwhile, from the reader's thread)."""
     try:
-        return gets.get_range(url, start, end, timeout_s)
-    except RangeNotSatisfiable as e:
-        raise truncated(url, start, end, f"the range is not satisfiable ({e})") from None
+        if task.cancelled():
+            future.cancel()
+        elif task.exception() is not None:
+            future.set_exception(task.exception())
+        else:
+            future.set_result(task.result())
+    except futures.InvalidStateError:
+        pass
 
 
-def download(source, dest: Path, size: int, cancel: threading.Event, claim: Path | None = None) -> None:
-    """Copy a whole object (``source()``: a context manager giving a stream) to ``dest`` through a temporary
-    file: a partial download never has the final name. The ``claim`` file is touched as chunks arrive: a
-    download that stops making progress loses its claim."""
+def retryable(url: str, what: str, error: Exception) -> str:
+    """The message of an error worth another try; raises the final ones (a missing object, a truncated
+    shard) as the ShardReadError the read ends with."""
+    if isinstance(error, FileNotFoundError):
+        raise ShardReadError(f"shard {url} does not exist ({what}; {worker_name()})") from None
+    if isinstance(error, ShardReadError):
+        raise error
+    return str(error) if isinstance(error, _Stalled) else f"{type(error).__name__}: {error}"
+
+
+def out_of_attempts(url: str, what: str, attempts: int, last: str) -> ShardReadError:
+    return ShardReadError(f"shard {url}: {what} failed after {attempts} attempts ({worker_name()}); "
+                          f"last error: {last}")
+
+
+def stalled_message(timeout_s: float) -> str:
+    return f"timeout: stalled for more than {timeout_s:g} s"
+
+
+def download(fs, path: str, dest: Path, size: int, cancel: threading.Event, claim: Path | None = None) -> None:
+    """Copy a whole object to ``dest`` through a temporary file: a partial download never has the final name.
+    The ``claim`` file is touched as chunks arrive: a download that stops making progress loses its claim."""
     tmp = storage.temp_path(dest)
     try:
         written = 0
-        with source() as src, open(tmp, "wb") as out:
+        with fs.open(path, "rb") as src, open(tmp, "wb") as out:
             while chunk := src.read(DOWNLOAD_CHUNK):
                 if cancel.is_set():   # the reader gave up on this attempt
                     return
