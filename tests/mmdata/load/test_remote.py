@@ -409,6 +409,39 @@ def test_range_reads_and_downloads_go_through_presigned_urls_unless_turned_off(r
     assert len([p for p in proxy.paths if "shard-000001" in p]) == 1, proxy.paths
 
 
+def test_read_ahead_ramps_up_and_a_forgotten_plan_cancels_its_requests(remote, proxy, s3):
+    """A pass's first batches do not start the whole read-ahead at once (hundreds of requests competing with
+    their decoding); a plan forgotten (an epoch left early) cancels what it requested, on the event loop too."""
+    import os
+    import time
+
+    import s3fs
+
+    from mmdata.load.reader import JOIN_GAP, RAMP_BYTES
+    data = os.urandom(16 << 20)
+    s3fs.S3FileSystem(**s3, skip_instance_cache=True).pipe_file("mm-remote/ramp.bin", data)
+    url, size, span = "s3://mm-remote/ramp.bin", len(data), 64 << 10
+    starts = list(range(0, size - span, span + 2 * JOIN_GAP))     # apart: one request each
+    n = len(starts)
+    reader = ShardReader(ReadConfig(storage_options=through(proxy, s3), inflight=4, read_ahead_bytes=64 << 20))
+    proxy.delay_s = 0.3
+    try:
+        reader.plan([url] * n, [[a] for a in starts], [[span]] * n, [size] * n, first=False)
+        requested = n - len(reader._planned)                 # requested ones leave the queue
+        assert 0 < requested * span <= RAMP_BYTES + span < n * span, (requested, n)
+        got = reader.read_batch([url] * 2, [[a] for a in starts[:2]], [[span]] * 2,
+                                [a + span for a in starts[:2]], [size] * 2)
+        assert [bytes(g[0]) for g in got] == [data[a:a + span] for a in starts[:2]]
+        assert n - len(reader._planned) > requested          # after a batch, more
+        reader.forget_plan()
+        time.sleep(0.5)                                      # what was in flight ends; nothing new starts
+        proxy.reset_counts()
+        time.sleep(1.0)
+        assert proxy.requests == 0, proxy.requests
+    finally:
+        reader.close()
+
+
 def test_an_expired_signature_is_renewed_at_once_and_a_refusal_named(remote, proxy, s3):
     url, size, data = shard_of(remote, s3)
     reader = ShardReader(ReadConfig(storage_options=through(proxy, s3), retries=0))   # no second attempt
