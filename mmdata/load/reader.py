@@ -163,6 +163,8 @@ class ShardReader:
         self._presigned: dict[str, bool] = {}   # by URL scheme: whether its GETs go through presigned URLs
         self._unsent: list = []                  # presigned requests made, to start together (``_send``)
         self._filesystems: dict = {}             # by bucket
+        self._cache_paths: dict[str, Path] = {}  # remote url -> its copy's path in cache_dir
+        self._inodes: dict[str, int] = {}         # remote url -> the inode of its mapped copy
 
     def __getstate__(self) -> dict:
         """Only the config travels (to DataLoader workers): files, pools and plans belong to one process."""
@@ -205,6 +207,8 @@ class ShardReader:
             for url, total in dict(zip(urls, shard_bytes)).items():
                 if self._batches_read or (total is not None and total <= WHOLE_FIRST_BYTES):
                     self.wait_for_copy(url, total)
+            if self.config.mmap:
+                self._map_cached(dict(zip(urls, shard_bytes)))
         self._batches_read += 1
         for url in shards:                   # once per shard and batch, before any page of it is touched
             mapped = maps.get(url)
@@ -253,7 +257,42 @@ class ShardReader:
         return True
 
     def cache_path(self, url: str) -> Path:
-        return storage.local_path(self.config.cache_dir) / cache_name(url)
+        path = self._cache_paths.get(url)
+        if path is None:
+            path = self._cache_paths[url] = storage.local_path(self.config.cache_dir) / cache_name(url)
+        return path
+
+    def _map_cached(self, urls: dict[str, int | None]) -> None:
+        """Cached copies read as local shards are, mapped (a slice per member): from the first batch that
+        finds a copy there. A mapping of a copy that another process evicted is dropped (its disk space
+        goes with it); a mapped copy is touched once per batch, so eviction sees it in use."""
+        for url, total in urls.items():
+            if storage.is_local(url):
+                continue
+            path = self.cache_path(url)
+            if url in self._maps:
+                try:
+                    same = os.stat(path).st_ino == self._inodes.get(url)
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    touch(path)
+                    continue
+                del self._maps[url]          # evicted (and perhaps downloaded again since): map what is there
+            try:
+                fd = open_shard(url, path, total)
+            except ShardReadError:   # not there, or a stale copy: the reads below deal with it
+                continue
+            try:
+                self._maps[url] = memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+                self._inodes[url] = os.fstat(fd).st_ino
+            except (OSError, ValueError):   # a filesystem that cannot map: read by pread (``_read_cached``)
+                continue
+            finally:
+                os.close(fd)
+            touch(path)
+            if len(self._maps) > MAX_OPEN_FILES:
+                self._maps.popitem(last=False)
 
     @property
     def claim_stale_after(self) -> float:

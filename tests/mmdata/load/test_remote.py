@@ -409,6 +409,28 @@ def test_range_reads_and_downloads_go_through_presigned_urls_unless_turned_off(r
     assert len([p for p in proxy.paths if "shard-000001" in p]) == 1, proxy.paths
 
 
+def test_a_cached_copy_is_read_mapped_until_another_process_evicts_it(remote, proxy, s3, tmp_path):
+    """Once a shard is in cache_dir its samples are slices of a mapping, as a local shard's are (no open,
+    stat and read per sample); a copy evicted meanwhile (by another worker) is not read from a stale
+    mapping, whose disk space would stay in use."""
+    url, size, data = shard_of(remote, s3)
+    reader = ShardReader(ReadConfig(storage_options=through(proxy, s3), cache_dir=str(tmp_path), cache_bytes=1 << 30))
+    copy = tmp_path / cache_name(url)
+
+    def batch(offset: int) -> bytes:
+        got = reader.read_batch([url], [[offset]], [[100]], [offset + 100], [size])
+        return bytes(got[0][0])
+    try:
+        assert batch(0) == data[:100] and copy.exists()
+        assert batch(200) == data[200:300]
+        assert reader._maps.get(url) is not None             # mapped: later samples are slices
+        copy.unlink()                                        # evicted by another process
+        assert batch(400) == data[400:500]                   # downloaded again, and the new copy mapped
+        assert copy.exists() and reader._inodes[url] == copy.stat().st_ino
+    finally:
+        reader.close()
+
+
 def test_read_ahead_ramps_up_and_a_forgotten_plan_cancels_its_requests(remote, proxy, s3):
     """A pass's first batches do not start the whole read-ahead at once (hundreds of requests competing with
     their decoding); a plan forgotten (an epoch left early) cancels what it requested, on the event loop too."""
