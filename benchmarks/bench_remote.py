@@ -4,9 +4,10 @@
     python benchmarks/bench_remote.py --dataset data/datasets/demo224 --workers 1 2 --delay-ms 20
 
 An S3 server (moto) runs on loopback behind a proxy that adds ``--delay-ms`` to every request
-(tests/latency_proxy.py, in a process of its own), as a bucket in a far region would. The proxy answers
-GETs of an object from its memory once it has read it from moto (``--no-proxy-memory``: every request
-goes to moto, whose one interpreter answers about 160 requests/s: a ceiling S3 does not have). Every reader decodes the same members with
+(tests/latency_proxy.py, in a process of its own), as a bucket in a far region would. The proxy (an
+asyncio server) answers GETs of an object from its memory once it has read it from moto
+(``--no-proxy-memory``: the threaded proxy, and every request goes to moto, whose one interpreter
+answers about 160 requests/s: a ceiling S3 does not have). Every reader decodes the same members with
 the same decode and collate code, batch 64, the same DataLoader worker counts, in this run:
 
 - mm, range reads: ``loader.read.cache_dir`` unset; each worker requests the byte ranges of its upcoming

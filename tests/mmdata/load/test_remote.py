@@ -329,19 +329,20 @@ def test_the_benchmarks_proxy_process_forwards_delays_and_counts(remote, s3):
 
 
 def test_the_benchmarks_proxy_can_answer_object_gets_from_memory_as_s3_would(remote, s3):
-    """moto answers ~160 requests/s in one interpreter; the benchmark's proxy keeps each object it has read
-    once and answers GETs and range GETs of it itself, byte for byte what moto gives. Listings and HEADs go
-    to moto; an upload through the proxy replaces what it kept."""
+    """moto answers ~160 requests/s in one interpreter; the benchmark's proxy (an asyncio server) keeps each
+    object it has read once and answers GETs and range GETs of it itself, byte for byte what moto gives.
+    Listings and HEADs go to moto; an upload through the proxy replaces what it kept."""
     import s3fs
     import urllib3
 
+    from latency_proxy import ProxyProcess
     url, size, data = shard_of(remote, s3)
     key = url.removeprefix("s3://")
-    with LatencyProxy(s3["endpoint_url"], delay_s=0.0, memory=True) as proxy:
+    with ProxyProcess(s3["endpoint_url"], delay_s=0.0, memory=True) as proxy:
         fs = s3fs.S3FileSystem(**{**s3, "endpoint_url": proxy.url}, skip_instance_cache=True)
         assert fs.cat_file(key) == data
         assert fs.cat_file(key, start=100, end=200) == data[100:200]
-        assert list(proxy.objects) == ["/" + key]          # fetched from moto once, whole
+        assert proxy.counts()["objects"] == 1              # fetched from moto once, whole
         signed = fs.url(key)
         http = urllib3.PoolManager()
         for header, expected in (("bytes=-10", data[-10:]), (f"bytes={size - 5}-", data[-5:]),
@@ -351,6 +352,7 @@ def test_the_benchmarks_proxy_can_answer_object_gets_from_memory_as_s3_would(rem
             assert response.headers["Content-Range"].endswith(f"/{size}")
         assert http.request("GET", signed, headers={"Range": f"bytes={size}-"}).status == 416
         assert http.request("GET", fs.url(key + ".missing")).status == 404
+        assert fs.info(key)["size"] == size                  # HEAD, from moto
         assert sorted(fs.ls(remote.removeprefix("s3://") + "/index")) == sorted(
             s3fs.S3FileSystem(**s3, skip_instance_cache=True).ls(remote.removeprefix("s3://") + "/index"))
         reader = ShardReader(ReadConfig(storage_options={**s3, "endpoint_url": proxy.url}))
@@ -362,6 +364,10 @@ def test_the_benchmarks_proxy_can_answer_object_gets_from_memory_as_s3_would(rem
         assert fs.cat_file(key + ".new") == b"first"
         fs.pipe_file(key + ".new", b"second")
         assert fs.cat_file(key + ".new") == b"second"
+        counts = proxy.counts()
+        proxy.reset_counts()
+        assert counts["requests"] > 10 and proxy.counts()["requests"] == 0
+    assert proxy.process.poll() is not None
 
 
 def test_a_claim_that_is_not_a_regular_file_is_never_read(tmp_path):
