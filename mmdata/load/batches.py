@@ -78,6 +78,7 @@ class EpochBatches(IterableDataset):
             if info is not None:   # a new worker process: the parent's storage clients are not its own
                 storage.forget_inherited_clients()
             self._pid = os.getpid()
+            self._reader = None    # a reader's threads, event loop and mappings belong to the process that made it
             if self.slots is not None and info is not None:
                 self.slots.forget_unsent(worker)
         if self._reader is None:

@@ -26,6 +26,7 @@ import os
 import ssl
 import time
 from pathlib import Path
+from typing import Callable
 
 RESIGN_S = 600           # a signature older than this is renewed before use (temporary credentials expire)
 EXPIRES_S = 3600         # what a presigned URL asks for; the credentials' own expiry may cut it shorter
@@ -86,9 +87,10 @@ class PresignedGets:
         finally:
             response.release()
 
-    async def download(self, fs, url: str, dest: Path, size: int, timeout_s: float, claim: Path | None) -> None:
-        """The whole object into ``dest`` (a temporary file the caller renames), in one GET; ``claim`` is
-        touched as chunks arrive. An object of another size than dataset.json's is not read."""
+    async def download(self, fs, url: str, dest: Path, size: int, timeout_s: float,
+                       progress: Callable[[], None]) -> None:
+        """The whole object into ``dest`` (a temporary file the caller renames), in one GET; ``progress()``
+        after each chunk. An object of another size than dataset.json's is not read."""
         response = await self._get(fs, url, {}, timeout_s)
         try:
             if response.status != 200:
@@ -100,8 +102,7 @@ class PresignedGets:
                 async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK):
                     out.write(chunk)     # page-cache writes of a megabyte: short enough for the loop
                     written += len(chunk)
-                    if claim is not None:
-                        os.utime(claim)
+                    progress()
             if written != size:
                 raise OSError(f"downloaded {written} bytes, expected {size}")
         finally:

@@ -683,7 +683,8 @@ class ShardReader:
     async def _presigned_download(self, fs, url: str, dest: Path, size: int, claim: Path | None) -> None:
         tmp = storage.temp_path(dest)
         try:
-            await self._gets.download(fs, url, tmp, size, self.config.timeout_s, claim)
+            await self._gets.download(fs, url, tmp, size, self.config.timeout_s,
+                                      (lambda: touch(claim)) if claim is not None else (lambda: None))
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
