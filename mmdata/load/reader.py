@@ -708,11 +708,12 @@ class ShardReader:
         return data
 
     def _remote_span(self, url: str, start: int, end: int) -> futures.Future:
-        """Bytes [start, end) of a remote shard through its presigned URL: a request on the event loop, retried
-        there (``presigned`` says when)."""
+        """Bytes [start, end) of a remote shard through its presigned URL, from any thread: a request on the
+        event loop, retried there (``presigned`` says when), started as ``_send`` starts a plan's."""
+        future: futures.Future = futures.Future()
         fs = self._filesystem(url)
-        return self._on_loop(fs, self._retrying_async(url, f"byte range [{start}, {end})",
-                                                      functools.partial(self._span, fs, url, start, end)))
+        fs.loop.call_soon_threadsafe(self._start_spans, fs.loop, [(fs, url, start, end, future)])
+        return future
 
     async def _span(self, fs, url: str, start: int, end: int) -> bytes:
         try:
